@@ -1,0 +1,250 @@
+"""Reads Llama-architecture GGUF files (llama.cpp's format) into HF names and a plain HF folder.
+
+The weights come back dequantized to float32 in torch layout `[out, in]`, with llama.cpp's q/k row
+permutation undone, so they are exactly what transformers' own GGUF loader produces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from jaxpeft.core.atomic import atomic_dir
+from jaxpeft.core.errors import (
+    CheckpointError,
+    MissingDependencyError,
+    UnsupportedModelError,
+    bullet_list,
+)
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+# Metadata whose presence means a Llama variant this reader would silently get wrong.
+_UNSUPPORTED_KEYS = ("expert_count", "attention.sliding_window", "attention.key_length_mla")
+
+
+def _import_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError as e:
+        raise MissingDependencyError(
+            "Reading GGUF files needs the `gguf` package, which is not installed.\n"
+            "Fix: pip install gguf"
+        ) from e
+    return gguf
+
+
+def unpermute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverts llama.cpp's q/k row permutation (HF rotate-half order -> GGUF interleaved pairs).
+
+    llama.cpp's `convert_hf_to_gguf.py` does `w.reshape(n_head, 2, d // n_head // 2, *rest)
+    .swapaxes(1, 2)`; this is the exact inverse. `n_head` is the head count of this projection
+    (num_key_value_heads for k_proj).
+    """
+    rows = weight.shape[0]
+    if rows % (2 * n_head):
+        raise UnsupportedModelError(
+            f"q/k projection has {rows} rows, not a multiple of 2 x {n_head} heads; "
+            "the GGUF file's head counts do not match its tensors."
+        )
+    w = weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
+    return np.ascontiguousarray(w.swapaxes(1, 2).reshape(weight.shape))
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.contents()
+    if isinstance(value, (np.floating, float)):
+        # GGUF stores float32: take its shortest decimal form so 1e-5 stays 1e-05, not 9.99999974e-06.
+        return float(str(np.float32(value)))
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    return value
+
+
+def _dequantize(gguf: Any, tensor: Any) -> np.ndarray:
+    qtype = tensor.tensor_type
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    data = np.asarray(tensor.data)
+    if qtype.name in ("F32", "F16", "F64"):
+        out = data.astype(np.float32)
+    else:
+        try:
+            out = gguf.quants.dequantize(data, qtype)
+        except NotImplementedError as e:
+            raise UnsupportedModelError(
+                f"GGUF tensor {tensor.name!r} uses quantization {qtype.name}, which the installed "
+                f"gguf package cannot dequantize.\nFix: pip install -U gguf, or re-export the model "
+                "with a common type (F16, Q8_0, Q4_K_M)."
+            ) from e
+    return np.ascontiguousarray(out.reshape(shape), dtype=np.float32)
+
+
+def _rope_scaling(reader: Any, arch: str, ctx: int) -> dict | None:
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    if kind is None and (linear := _field(reader, f"{arch}.rope.scale_linear")) not in (None, 1.0):
+        kind, factor = "linear", linear
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        original = _field(reader, f"{arch}.rope.scaling.original_context_length", ctx)
+        return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": original}
+    raise UnsupportedModelError(f"GGUF rope scaling type {kind!r} is not supported (linear, yarn are).")
+
+
+def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """Reads a Llama GGUF file into an HF `config.json` dict and a float32 state dict.
+
+    The state dict uses HF `LlamaForCausalLM` parameter names, torch layout `[out, in]`, quantized
+    tensors dequantized, q/k rows restored to HF order; `lm_head.weight` is present only for
+    untied models. Raises UnsupportedModelError for other architectures or unknown tensors.
+    """
+    gguf = _import_gguf()
+    if not os.path.isfile(path):
+        raise CheckpointError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
+
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise UnsupportedModelError(
+            f"GGUF architecture {arch!r} in {path} is not supported; only 'llama' "
+            "(Llama, SmolLM2, Mistral-style dense models) is."
+        )
+    present = [f"{arch}.{k}" for k in _UNSUPPORTED_KEYS if f"{arch}.{k}" in reader.fields]
+    if present:
+        raise UnsupportedModelError(f"GGUF metadata names features this reader lacks:\n{bullet_list(present)}")
+
+    hidden = _field(reader, f"{arch}.embedding_length")
+    n_head = _field(reader, f"{arch}.attention.head_count")
+    n_kv = _field(reader, f"{arch}.attention.head_count_kv", n_head)
+    n_layers = _field(reader, f"{arch}.block_count")
+    head_dim = _field(reader, f"{arch}.attention.key_length") or _field(
+        reader, f"{arch}.rope.dimension_count", hidden // n_head
+    )
+    ctx = _field(reader, f"{arch}.context_length", 2048)
+
+    state: dict[str, np.ndarray] = {}
+    unknown: list[str] = []
+    for tensor in reader.tensors:
+        name = tensor.name
+        match = _LAYER_RE.match(name)
+        if name in _GLOBAL_NAMES:
+            hf_name = _GLOBAL_NAMES[name]
+        elif match and match.group(2) in _LAYER_NAMES and int(match.group(1)) < n_layers:
+            hf_name = f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+        else:
+            unknown.append(f"{name} ({tensor.tensor_type.name}, shape {tensor.shape.tolist()})")
+            continue
+        weight = _dequantize(gguf, tensor)
+        if match and match.group(2) == "attn_q.weight":
+            weight = unpermute_qk(weight, n_head)
+        elif match and match.group(2) == "attn_k.weight":
+            weight = unpermute_qk(weight, n_kv)
+        state[hf_name] = weight
+    if unknown:
+        # rope_freqs.weight (Llama 3.1 rope scaling) and biases land here on purpose.
+        raise UnsupportedModelError(
+            f"GGUF file {path} has tensors this Llama reader does not map:\n{bullet_list(unknown)}"
+        )
+
+    expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{v}" for i in range(n_layers) for v in _LAYER_NAMES.values()
+    }
+    missing = sorted(expected - state.keys())
+    if missing:
+        raise CheckpointError(f"GGUF file {path} lacks tensors:\n{bullet_list(missing)}")
+
+    embed = state["model.embed_tokens.weight"]
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": _field(reader, f"{arch}.rope.freq_base", 10000.0),
+        "rope_scaling": _rope_scaling(reader, arch, ctx),
+        "max_position_embeddings": ctx,
+        # The embedding's row count is the truth; the metadata key is optional in older files.
+        "vocab_size": int(embed.shape[0]),
+        "tie_word_embeddings": "lm_head.weight" not in state,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+    pad = _field(reader, "tokenizer.ggml.padding_token_id")
+    if pad is not None:
+        config["pad_token_id"] = pad
+    return config, state
+
+
+def gguf_to_hf_folder(gguf_path: str, out_dir: str) -> str:
+    """Converts a Llama GGUF file into a plain fp32 HF folder at `out_dir`, atomically.
+
+    Writes config.json, model.safetensors, generation_config.json and the tokenizer files (with the
+    chat template). `out_dir` must not exist yet. Returns `out_dir`.
+    """
+    from safetensors.numpy import save_file
+
+    try:
+        import transformers
+    except ImportError as e:
+        raise MissingDependencyError(
+            "Converting GGUF to an HF folder needs `transformers` for the tokenizer.\n"
+            "Fix: pip install transformers"
+        ) from e
+
+    config, state = read_gguf(gguf_path)
+    logging.info("read %s: %d tensors, %d layers", gguf_path, len(state), config["num_hidden_layers"])
+    directory, name = os.path.split(os.path.abspath(gguf_path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    # The GGUF tokenizer comes back with an "infinite" max length; the model's context is the truth.
+    tokenizer.model_max_length = config["max_position_embeddings"]
+
+    with atomic_dir(out_dir) as tmp:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is ordinary shared data.
+        with open(tmp / "config.json", "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        gen = {
+            key: config[key]
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if config.get(key) is not None
+        }
+        transformers.GenerationConfig(**gen).save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    return out_dir

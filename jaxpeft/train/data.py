@@ -1,0 +1,547 @@
+"""Data for fine-tuning: load records, tokenize them with a loss mask, batch them resumably.
+
+Records come in two formats and are normalised to one:
+
+* Alpaca: `{"instruction": str, "input": str (optional), "output": str}`
+* chat:   `{"messages": [{"role": str, "content": str}, ...]}`; the last assistant message is the
+  target and the messages before it are the prompt.
+* normalised: `{"messages": [...prompt messages...], "target": str}` (Alpaca records also keep
+  `instruction` and `input`, used by the plain-text format).
+
+Loss-mask convention (one place, used everywhere): `loss_mask` is aligned with `input_ids`, and
+`loss_mask[b, t] == 1` means token `input_ids[b, t]` is a target token, i.e. it is predicted by
+the logits at position `t - 1`. The token loss is therefore
+
+    nll_BxT = cross_entropy(logits_BxSxV[:, :-1], input_ids_BxS[:, 1:])
+    loss = sum(nll_BxT * loss_mask_BxS[:, 1:]) / sum(loss_mask_BxS[:, 1:])
+
+Target tokens are the answer plus the token that closes it (the chat template's end-of-turn token,
+or EOS), so the model learns to stop. Position 0 of every example is a prompt token (mask 0), which
+also keeps packed examples from being predicted across a boundary.
+
+Array legend: B = batch size, S = sequence length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from jaxpeft.core.errors import ConfigError, DataError, MissingDependencyError, bullet_list
+
+log = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+_LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+_EXPECTED = (
+    "Alpaca records {'instruction': str, 'input': str (optional), 'output': str}, or chat records "
+    "{'messages': [{'role': ..., 'content': str}, ...]} ending with an assistant message"
+)
+_FIX = (
+    "Rename your fields to instruction/input/output (or messages with role/content), e.g. with "
+    "datasets.Dataset.rename_column, and drop records without an answer."
+)
+
+# ----------------------------------------------------------------------------------------------
+# Records: validation and normalisation.
+
+
+def _problem(record: Any) -> str | None:
+    """Why `record` is not a usable Alpaca/chat/normalised record, or None when it is."""
+    if not isinstance(record, Mapping):
+        return f"is a {type(record).__name__}, not an object"
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return "'messages' is not a non-empty list"
+        for i, m in enumerate(msgs):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+                return f"messages[{i}] lacks a string 'role'"
+            if not isinstance(m.get("content"), str):
+                return f"messages[{i}] lacks a string 'content'"
+        if "target" in record:
+            ok = isinstance(record["target"], str) and record["target"].strip()
+            return None if ok else "'target' is not a non-empty string"
+        roles = [m["role"] for m in msgs]
+        if "assistant" not in roles:
+            return "no assistant message to learn from"
+        if len(roles) - 1 - roles[::-1].index("assistant") == 0:
+            return "the only assistant message has no prompt before it"
+        return None
+    missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
+    if missing:
+        return f"missing string field(s) {missing}"
+    if not record["output"].strip():
+        return "'output' is empty"
+    if record.get("input") is not None and not isinstance(record["input"], str):
+        return "'input' is not a string"
+    return None
+
+
+def _normalize_one(record: Mapping) -> Record:
+    if "messages" in record and "target" in record:
+        return dict(record)
+    if "messages" in record:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return {"messages": msgs[:last], "target": msgs[last]["content"]}
+    instruction, inp = record["instruction"], record.get("input") or ""
+    content = f"{instruction}\n\n{inp}" if inp else instruction
+    return {
+        "messages": [{"role": "user", "content": content}],
+        "target": record["output"],
+        "instruction": instruction,
+        "input": inp,
+    }
+
+
+def normalize_records(records: Sequence[Any], *, source: str = "records") -> list[Record]:
+    """Validates Alpaca/chat records and returns them as `{"messages", "target"}` dicts.
+
+    Raises DataError naming `source`, listing every bad record (index, problem, keys found).
+    """
+    if len(records) == 0:
+        raise DataError(f"{source} contains no records. Expected a non-empty list of {_EXPECTED}.")
+    bad = [(i, p, r) for i, r in enumerate(records) if (p := _problem(r)) is not None]
+    if bad:
+        shown = [
+            f"record {i}: {p}; keys found: {sorted(r) if isinstance(r, Mapping) else '-'}"
+            for i, p, r in bad[:10]
+        ]
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise DataError(
+            f"{source}: {len(bad)} of {len(records)} records are not usable.\n"
+            f"Expected {_EXPECTED}.\nFound:\n{bullet_list(shown)}{more}\n{_FIX}"
+        )
+    return [_normalize_one(r) for r in records]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _read_local(path: Path) -> list[Any]:
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise DataError(
+            f"Data file {path} {what}. Expected a .json, .jsonl or .parquet file of {_EXPECTED}. "
+            "Check the path (relative paths start from the current directory)."
+        )
+    suffix = path.suffix.lower()
+    if suffix not in _LOCAL_SUFFIXES:
+        raise DataError(
+            f"Data file {path} has suffix {suffix!r}; expected one of {list(_LOCAL_SUFFIXES)}. "
+            "Convert it, e.g. with datasets.Dataset.to_json(path)."
+        )
+    if path.stat().st_size == 0:
+        raise DataError(f"Data file {path} is empty. Expected a non-empty list of {_EXPECTED}.")
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise MissingDependencyError("Reading .parquet needs pyarrow: pip install pyarrow") from e
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a corrupt file.
+            raise DataError(f"Could not read parquet file {path}: {e}") from e
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"Data file {path} is empty. Expected a non-empty list of {_EXPECTED}.")
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # Maybe JSON lines saved as .json (datasets' to_json does that).
+        if isinstance(data, list):
+            return data
+        if data is not None and not isinstance(data, dict):
+            raise DataError(f"{path} holds a JSON {type(data).__name__}; expected a list of records.")
+        if isinstance(data, dict):
+            raise DataError(
+                f"{path} holds one JSON object with keys {sorted(data)}; expected a list of "
+                f"{_EXPECTED} (or one record per line). Save the list itself, e.g. data['train']."
+            )
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path} line {n} is not valid JSON ({e.msg}). Expected a JSON list of records "
+                    "or one JSON record per line."
+                ) from None
+    return records
+
+
+def _read_hub(name: str, split: str) -> list[Any]:
+    import datasets  # Imported here: heavy, and only needed for hub datasets.
+
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as e:  # Offline, unknown name, gated dataset...: all mean "not available".
+        raise DataError(
+            f"{name!r} is not a local file, and the dataset could not be fetched from the Hugging "
+            f"Face Hub ({type(e).__name__}: {e}). To train on your own data, pass a path to a "
+            f".json, .jsonl or .parquet file of {_EXPECTED}; or use builtin:dates."
+        ) from e
+    if split not in ds:
+        raise DataError(
+            f"Hub dataset {name!r} has splits {sorted(ds)}; asked for {split!r}. Pass one of those."
+        )
+    return ds[split].to_list()
+
+
+def _read(spec: str, split: str = "train") -> tuple[list[Any], str]:
+    path = Path(spec).expanduser()
+    looks_local = path.suffix.lower() in _LOCAL_SUFFIXES or spec.startswith((".", "/", "~"))
+    if path.exists() or looks_local:
+        return _read_local(path), str(path)
+    return _read_hub(spec, split), f"hub dataset {spec!r} split {split!r}"
+
+
+def holdout_split(
+    records: Sequence[Record], fraction: float, seed: int
+) -> tuple[list[Record], list[Record]]:
+    """Holds out round(fraction * n) records (at least 1), chosen by a seeded shuffle.
+
+    Both parts keep the original order. Returns (train, eval).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"eval_split must be a fraction in (0, 1); got {fraction}.")
+    n = len(records)
+    n_eval = max(1, round(fraction * n))
+    if n_eval >= n:
+        raise DataError(
+            f"eval_split={fraction} of {n} records leaves nothing to train on; "
+            "use a smaller fraction or a separate eval_dataset."
+        )
+    held = set(np.random.default_rng(seed).permutation(n)[:n_eval].tolist())
+    train = [r for i, r in enumerate(records) if i not in held]
+    return train, [r for i, r in enumerate(records) if i in held]
+
+
+def load_records(
+    spec: str,
+    *,
+    eval_split: float | str | None = None,
+    eval_dataset: str | None = None,
+    seed: int = 0,
+) -> tuple[list[Record], list[Record]]:
+    """Loads (train, eval) normalised records `{"messages", "target", ...}`.
+
+    `spec` is `builtin:<task>` (a task from `jaxpeft.train.tasks`, with its own disjoint eval
+    split), a local .json (list or JSON lines) / .jsonl / .parquet file, or a Hugging Face Hub
+    dataset name. `eval_split` is a fraction of `spec` held out by a shuffle seeded with `seed`,
+    or a split name for hub datasets; `eval_dataset` is a separate file or dataset. With neither,
+    a local or hub dataset has an empty eval list.
+    """
+    if eval_split is not None and eval_dataset is not None:
+        raise ConfigError("Pass eval_split or eval_dataset, not both.")
+    if spec.startswith("builtin:"):
+        from jaxpeft.train import tasks
+
+        task = tasks.get_task(spec.removeprefix("builtin:"))
+        if eval_split is not None:
+            raise ConfigError(
+                f"{spec} has its own held-out eval split, disjoint from training; got "
+                f"eval_split={eval_split!r}. Drop eval_split (or pass eval_dataset to replace it)."
+            )
+        train = normalize_records(task.make_split("train", task.n_train, seed), source=spec)
+        ev = task.make_split("eval", task.n_eval, seed) if eval_dataset is None else None
+        if ev is not None:
+            return train, normalize_records(ev, source=f"{spec} (eval)")
+    else:
+        if isinstance(eval_split, str) and Path(spec).suffix.lower() in _LOCAL_SUFFIXES:
+            raise ConfigError(
+                f"eval_split={eval_split!r} names a split, but {spec} is a local file. Pass a "
+                "fraction (e.g. 0.05) or eval_dataset=<path>."
+            )
+        raw, source = _read(spec)
+        train = normalize_records(raw, source=source)
+        if isinstance(eval_split, str):
+            raw_eval, eval_source = _read(spec, eval_split)
+            return train, normalize_records(raw_eval, source=eval_source)
+        if eval_split is not None:
+            return holdout_split(train, float(eval_split), seed)
+        if eval_dataset is None:
+            return train, []
+    raw_eval, eval_source = _read(eval_dataset)
+    return train, normalize_records(raw_eval, source=eval_source)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization.
+
+
+def _id_lists(out: Any) -> list[list[int]]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); 4.x a list.
+    ids = out["input_ids"] if isinstance(out, Mapping) or hasattr(out, "keys") else out
+    return [list(map(int, x)) for x in ids]
+
+
+def _uses_chat_template(tokenizer: Any, chat_template: bool) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template and not has:
+        log.warning("Tokenizer has no chat template; using the plain Alpaca prompt format.")
+    return chat_template and has
+
+
+def _plain_prompt(record: Record) -> str:
+    if "instruction" in record:
+        text = f"### Instruction:\n{record['instruction']}\n\n"
+        if record.get("input"):
+            text += f"### Input:\n{record['input']}\n\n"
+        return text + "### Response:\n"
+    heads = {"system": "", "user": "### Instruction:\n", "assistant": "### Response:\n"}
+    parts = [heads.get(m["role"], f"### {m['role']}:\n") + m["content"] + "\n\n" for m in record["messages"]]
+    return "".join(parts) + "### Response:\n"
+
+
+def _prompts(tokenizer: Any, records: Sequence[Record], chat: bool) -> list[list[int]]:
+    if chat:
+        convs = [r["messages"] for r in records]
+        return _id_lists(tokenizer.apply_chat_template(convs, add_generation_prompt=True, tokenize=True))
+    return _id_lists(tokenizer([_plain_prompt(r) for r in records])["input_ids"])
+
+
+def _prompt_and_completion(
+    tokenizer: Any, records: Sequence[Record], chat: bool
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each prompt and of its completion (answer + closing token)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompts = _prompts(tokenizer, records, chat)
+    targets = [r["target"] for r in records]
+    answers = _id_lists(tokenizer(targets, add_special_tokens=False)["input_ids"])
+    if not chat:
+        return [(p, a + eos) for p, a in zip(prompts, answers)]
+    convs = [r["messages"] + [{"role": "assistant", "content": r["target"]}] for r in records]
+    fulls = _id_lists(tokenizer.apply_chat_template(convs, tokenize=True))
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    out = []
+    for p, f, a in zip(prompts, fulls, answers):
+        if f[: len(p)] != p:
+            # The template renders the prompt differently once an answer follows (e.g. it drops
+            # a "thinking" block), or BPE merged across the boundary: mask the answer we tokenize.
+            out.append((p, a + eos))
+            continue
+        c = f[len(p) :]
+        # Drop what follows the end-of-turn token (SmolLM2 adds "\n" after <|im_end|>).
+        while c and c[-1] not in special and not tokenizer.decode(c[-1:]).strip():
+            c = c[:-1]
+        if not c or c[-1] not in special:
+            c = c + eos  # The template closes no turn: teach the model to stop with EOS.
+        out.append((p, c))
+    return out
+
+
+def _fit(prompt: list[int], completion: list[int], seq_len: int) -> Record:
+    """Joins prompt and completion into at most seq_len tokens; cuts the prompt's left first."""
+    truncated = len(prompt) + len(completion) > seq_len
+    if truncated:
+        # Keep at least one prompt token, so the first answer token has a position to predict from.
+        keep = min(len(prompt), max(1, seq_len - len(completion)))
+        prompt = prompt[len(prompt) - keep :]
+    ids = (prompt + completion)[:seq_len]
+    mask = ([0] * len(prompt) + [1] * len(completion))[:seq_len]
+    return {"input_ids": ids, "loss_mask": mask, "truncated": truncated}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EncodeStats:
+    """Counts from `encode_records`: lengths are in tokens after truncation."""
+
+    num_examples: int
+    num_truncated: int
+    max_len: int
+    mean_len: float
+    num_target_tokens: int
+
+
+def encode_records(
+    tokenizer: Any, records: Sequence[Mapping], *, seq_len: int, chat_template: bool = True
+) -> tuple[list[Record], EncodeStats]:
+    """Encodes many records (batched, so 2k short records take well under a second or two).
+
+    Returns examples as in `encode_example`, and counts including how many were truncated.
+    """
+    if seq_len < 2:
+        raise ConfigError(f"seq_len must be at least 2 (a prompt token and a target); got {seq_len}.")
+    norm = normalize_records(records)
+    chat = _uses_chat_template(tokenizer, chat_template)
+    examples = [_fit(p, c, seq_len) for p, c in _prompt_and_completion(tokenizer, norm, chat)]
+    lens = [len(e["input_ids"]) for e in examples]
+    stats = EncodeStats(
+        num_examples=len(examples),
+        num_truncated=sum(e["truncated"] for e in examples),
+        max_len=max(lens),
+        mean_len=sum(lens) / len(lens),
+        num_target_tokens=sum(sum(e["loss_mask"]) for e in examples),
+    )
+    if stats.num_truncated:
+        log.info("%d of %d examples truncated to %d tokens.", stats.num_truncated, len(lens), seq_len)
+    return examples, stats
+
+
+def encode_example(
+    tokenizer: Any, record: Mapping, *, seq_len: int, chat_template: bool = True
+) -> Record:
+    """Tokenizes one Alpaca/chat/normalised record.
+
+    Returns `input_ids` (list[int], at most seq_len), `loss_mask` (list[int], 1 exactly on the
+    answer tokens and the end-of-turn/EOS token closing it) and `truncated` (bool). With a chat
+    template the prompt is `apply_chat_template(messages, add_generation_prompt=True)`; without
+    one, the Alpaca text "### Instruction:\\n...\\n\\n### Input:\\n...\\n\\n### Response:\\n".
+    """
+    return encode_records(tokenizer, [record], seq_len=seq_len, chat_template=chat_template)[0][0]
+
+
+def eval_prompts(
+    tokenizer: Any,
+    records: Sequence[Mapping],
+    *,
+    chat_template: bool = True,
+    max_prompt_len: int | None = None,
+) -> list[tuple[list[int], str]]:
+    """(prompt_ids, reference_text) per record, for generation-based evaluation.
+
+    Prompts are built exactly as in training; `max_prompt_len` keeps only the last tokens.
+    """
+    norm = normalize_records(records)
+    prompts = _prompts(tokenizer, norm, _uses_chat_template(tokenizer, chat_template))
+    if max_prompt_len is not None:
+        prompts = [p[-max_prompt_len:] for p in prompts]
+    return [(p, r["target"]) for p, r in zip(prompts, norm)]
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else EOS, else 0 (always masked out)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching.
+
+
+class Batcher:
+    """Deterministic, resumable iterator of fixed-shape numpy batches of encoded examples.
+
+    Examples are read as an endless stream: epoch e visits all examples in the order of a
+    permutation seeded with `seed + e`, and a batch may straddle two epochs. The state is
+    `{"epoch": e, "position": p}` (the next example is permutation_e[p]); a Batcher restored
+    to a state yields exactly the batches that followed it.
+
+    Each batch is a dict of numpy arrays:
+      input_ids_BxS int32 (right-padded with pad_id), loss_mask_BxS int32 (module docstring:
+      1 where input_ids[b, t] is a target predicted from t - 1), attention_mask_BxS int32
+      (1 = real token). With `pack=True` each row holds several whole examples, and the batch
+      also has segment_ids_BxS int32 (1, 2, 3... per example in the row, 0 = padding) and
+      positions_BxS int32 (restarting at 0 in each example, 0 on padding); mask attention where
+      segment ids differ.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Mapping],
+        *,
+        batch_size: int,
+        seq_len: int,
+        pad_id: int,
+        seed: int = 0,
+        pack: bool = False,
+    ) -> None:
+        if not examples:
+            raise DataError("Batcher got no examples; the dataset is empty after encoding.")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1; got {batch_size}.")
+        too_long = [i for i, e in enumerate(examples) if len(e["input_ids"]) > seq_len]
+        if too_long:
+            raise ConfigError(
+                f"{len(too_long)} examples are longer than seq_len={seq_len} (first: "
+                f"{too_long[:5]}). Encode them with the same seq_len as the Batcher."
+            )
+        self._ids = [np.asarray(e["input_ids"], np.int32) for e in examples]
+        self._mask = [np.asarray(e["loss_mask"], np.int32) for e in examples]
+        self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
+        self.seed, self.pack = seed, pack
+        self._epoch, self._position = 0, 0
+        self._perm_epoch, self._perm = -1, np.zeros(0, np.int64)
+
+    @property
+    def num_examples(self) -> int:
+        """Number of examples in one epoch."""
+        return len(self._ids)
+
+    def state(self) -> dict[str, int]:
+        """The position in the stream, as a small JSON-able dict."""
+        return {"epoch": self._epoch, "position": self._position}
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        """Moves to `state` (from `state()`), so the next batches match the ones that followed it."""
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < self.num_examples:
+            raise ConfigError(
+                f"Batcher state {dict(state)} does not fit a dataset of {self.num_examples} "
+                "examples; restore with the dataset (and seq_len) the state was saved with."
+            )
+        self._epoch, self._position = epoch, position
+
+    @classmethod
+    def from_state(cls, examples: Sequence[Mapping], state: Mapping[str, int], **kwargs: Any) -> "Batcher":
+        """A new Batcher over `examples` (same kwargs as the constructor) resumed at `state`."""
+        batcher = cls(examples, **kwargs)
+        batcher.restore(state)
+        return batcher
+
+    def _peek(self) -> int:
+        if self._perm_epoch != self._epoch:
+            rng = np.random.default_rng(self.seed + self._epoch)
+            self._perm, self._perm_epoch = rng.permutation(self.num_examples), self._epoch
+        return int(self._perm[self._position])
+
+    def _take(self) -> int:
+        index = self._peek()
+        self._position += 1
+        if self._position == self.num_examples:
+            self._epoch, self._position = self._epoch + 1, 0
+        return index
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        shape = (self.batch_size, self.seq_len)
+        batch = {
+            "input_ids": np.full(shape, self.pad_id, np.int32),
+            "loss_mask": np.zeros(shape, np.int32),
+            "attention_mask": np.zeros(shape, np.int32),
+        }
+        if self.pack:
+            batch["segment_ids"] = np.zeros(shape, np.int32)
+            batch["positions"] = np.zeros(shape, np.int32)
+        for row in range(self.batch_size):
+            start, segment = 0, 1
+            while True:
+                i = self._take()
+                n = len(self._ids[i])
+                batch["input_ids"][row, start : start + n] = self._ids[i]
+                batch["loss_mask"][row, start : start + n] = self._mask[i]
+                batch["attention_mask"][row, start : start + n] = 1
+                if not self.pack:
+                    break
+                batch["segment_ids"][row, start : start + n] = segment
+                batch["positions"][row, start : start + n] = np.arange(n)
+                start, segment = start + n, segment + 1
+                # Whole examples only: the row ends when the next one does not fit.
+                if start + len(self._ids[self._peek()]) > self.seq_len:
+                    break
+        return batch

@@ -1,0 +1,55 @@
+"""Tiny random transformers models built locally (odd, distinct sizes so transpositions cannot hide)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+VOCAB = 61
+
+
+def tiny_hf_config(model_type: str = "llama", *, tied: bool = False, bias: bool = False, rope: dict | None = None,
+                   layers: int = 3, sliding_window: int | None = None):
+    import transformers
+
+    kw = dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=52, num_hidden_layers=layers,
+              num_attention_heads=5, num_key_value_heads=1, head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if model_type == "llama":
+        kw["attention_bias"] = bias
+    if rope is not None:
+        kw["rope_parameters"] = rope
+    if model_type == "qwen2":
+        kw.pop("head_dim")
+        return transformers.Qwen2Config(**kw)
+    if model_type == "mistral":
+        kw["sliding_window"] = sliding_window
+        return transformers.MistralConfig(**kw)
+    return transformers.LlamaConfig(**kw)
+
+
+def tiny_hf_model(config, seed: int = 0):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # Random norms, so a missing or misplaced norm weight shows in the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def hf_logits(model, ids: np.ndarray, mask: np.ndarray | None = None, positions: np.ndarray | None = None):
+    import torch
+
+    kw = {}
+    if mask is not None:
+        kw["attention_mask"] = torch.tensor(mask)
+    if positions is not None:
+        kw["position_ids"] = torch.tensor(positions)
+    with torch.no_grad():
+        return model(torch.tensor(ids), **kw).logits.float().numpy()
