@@ -1,0 +1,137 @@
+"""Generation with a KV cache: greedy or sampled (temperature, top-k, top-p), stop tokens, and batched
+prompts of different lengths (left padded). The whole decode loop is one jitted `lax.while_loop`.
+
+Shape legend: B batch, P padded prompt length, N new tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpeft.models.llama import init_cache
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How the next token is chosen. `greedy=True` ignores the other fields."""
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1.0 = no nucleus filter
+
+    def __post_init__(self) -> None:
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}; use greedy=True")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={self.top_k}, top_p={self.top_p}")
+
+
+def select_token(logits_BxV: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Picks the next token id per row according to `sampling`."""
+    if sampling.greedy:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits = logits_BxV.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k > 0:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(before < sampling.top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=32)
+def _decode_fn(model: Any, max_new_tokens: int, sampling: SamplingConfig, cache_dtype: Any):
+    def run(params, ids_BxP, mask_BxP, stop_ids, key):
+        b, p = ids_BxP.shape
+        cache = init_cache(model.config, b, p + max_new_tokens, cache_dtype)
+        logits, cache = model.apply({"params": params}, ids_BxP, attention_mask_BxS=mask_BxP, cache=cache)
+        key, sub = jax.random.split(key)
+        first = select_token(logits[:, -1], sub, sampling)
+        out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
+        done = jnp.isin(first, stop_ids)
+
+        def cond(state):
+            step, _, _, done, _, _ = state
+            return (step < max_new_tokens) & ~jnp.all(done)
+
+        def body(state):
+            step, token, cache, done, out, key = state
+            logits, cache = model.apply({"params": params}, token[:, None],
+                                        attention_mask_BxS=jnp.ones((b, 1), jnp.int32), cache=cache)
+            key, sub = jax.random.split(key)
+            nxt = select_token(logits[:, -1], sub, sampling)
+            out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
+            return step + 1, nxt, cache, done | jnp.isin(nxt, stop_ids), out, key
+
+        state = (jnp.int32(1), first, cache, done, out, key)
+        return jax.lax.while_loop(cond, body, state)[4]
+
+    return jax.jit(run)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to one length (rounded up to `multiple` to limit recompiles)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    width = -(-longest // multiple) * multiple
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def generate(
+    model: Any,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    sampling: SamplingConfig = SamplingConfig(),
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    seed: int = 0,
+    cache_dtype: Any = None,
+) -> list[list[int]]:
+    """Continues each prompt; returns the new tokens per row, cut after the first stop token (kept)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids, mask = left_pad(prompts, pad_id)
+    fn = _decode_fn(model, max_new_tokens, sampling, cache_dtype or model.dtype)
+    stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+    out = np.asarray(fn(params, jnp.asarray(ids), jnp.asarray(mask), stops, jax.random.key(seed)))
+    results = []
+    stop_set = set(stop_ids)
+    for row in out.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def stop_ids_for(tokenizer: Any, config: Any) -> list[int]:
+    """End-of-sequence ids from the model config and the tokenizer (chat end-of-turn included)."""
+    ids: set[int] = set()
+    eos = getattr(config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (tuple, list)) else [eos] if eos is not None else [])
+    if tokenizer is not None:
+        if tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>"):
+            tid = tokenizer.convert_tokens_to_ids(tok) if tok in tokenizer.get_vocab() else None
+            if tid is not None:
+                ids.add(int(tid))
+    return sorted(ids)
