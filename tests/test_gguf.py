@@ -77,13 +77,18 @@ def ours(gguf_path: str):
 
 
 @pytest.fixture(scope="module")
-def reference(gguf_path: str):
+def reference_model(gguf_path: str):
     """transformers' own GGUF load (fp32), loaded once for the module: ~15-25 s here."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
+    return transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
-    )
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(reference_model):
+    model = reference_model
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     return model.config, state
 
@@ -171,3 +176,113 @@ def test_cached_hf_folder(gguf_path: str, ours, tmp_path, monkeypatch: pytest.Mo
     monkeypatch.setattr(default_model, "_sha256", fail)
     monkeypatch.setenv("JAXPEFT_CACHE", str(cache))
     assert cached_hf_folder(gguf_path) == folder
+
+
+def _write_tiny_gguf(path: str, *, arch: str = "llama", extra_tensor: str | None = None) -> dict:
+    """A 2-layer untied Llama written the way llama.cpp's converter does; returns its HF weights."""
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(1)
+    hidden, n_head, n_kv, ffn, vocab, head_dim = 32, 4, 2, 64, 40, 8
+    Q = gguf.GGMLQuantizationType
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    layer = {"self_attn.q_proj.weight": ("attn_q", (n_head * head_dim, hidden), Q.F32),
+             "self_attn.k_proj.weight": ("attn_k", (n_kv * head_dim, hidden), Q.F16),
+             "self_attn.v_proj.weight": ("attn_v", (n_kv * head_dim, hidden), Q.BF16),
+             "self_attn.o_proj.weight": ("attn_output", (hidden, hidden), Q.Q8_0),
+             "mlp.gate_proj.weight": ("ffn_gate", (ffn, hidden), Q.Q4_0),
+             "mlp.up_proj.weight": ("ffn_up", (ffn, hidden), Q.Q4_1),
+             "mlp.down_proj.weight": ("ffn_down", (hidden, ffn), Q.F32),
+             "input_layernorm.weight": ("attn_norm", (hidden,), Q.F32),
+             "post_attention_layernorm.weight": ("ffn_norm", (hidden,), Q.F32)}
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_architecture()
+    writer.add_block_count(2)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    expected: dict[str, np.ndarray] = {}
+
+    def add(gguf_name: str, hf_name: str, shape: tuple, qtype) -> None:
+        w = rng.standard_normal(shape).astype(np.float32)
+        stored = w
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            stored = _llama_cpp_permute(w, n_head, n_kv if "k_proj" in hf_name else None)
+        if qtype == Q.F32:
+            writer.add_tensor(gguf_name, stored)
+        elif qtype == Q.F16:
+            writer.add_tensor(gguf_name, stored.astype(np.float16))
+            w = w.astype(np.float16).astype(np.float32)
+        else:
+            data = gguf.quants.quantize(stored, qtype)
+            writer.add_tensor(gguf_name, data, raw_dtype=qtype)
+            w = gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)  # Row-wise: order-free.
+        expected[hf_name] = w
+
+    add("token_embd.weight", "model.embed_tokens.weight", shapes["model.embed_tokens.weight"], Q.F32)
+    add("output_norm.weight", "model.norm.weight", (hidden,), Q.F32)
+    add("output.weight", "lm_head.weight", (vocab, hidden), Q.F32)
+    for i in range(2):
+        for hf_name, (short, shape, qtype) in layer.items():
+            add(f"blk.{i}.{short}.weight", f"model.layers.{i}.{hf_name}", shape, qtype)
+    if extra_tensor:
+        writer.add_tensor(extra_tensor, np.ones(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+def test_read_tiny_untied_gguf(tmp_path) -> None:
+    path = str(tmp_path / "tiny.gguf")
+    expected = _write_tiny_gguf(path)
+    config, state = read_gguf(path)
+    assert set(state) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(state[name], value, rtol=1e-6, atol=1e-6, err_msg=name)
+    assert not config["tie_word_embeddings"]
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 8)
+    assert config["rms_norm_eps"] == 1e-6 and config["vocab_size"] == 40 and "pad_token_id" not in config
+
+
+def test_read_gguf_rejects_unknown(tmp_path) -> None:
+    from jaxpeft.core.errors import UnsupportedModelError
+
+    path = str(tmp_path / "extra.gguf")
+    _write_tiny_gguf(path, extra_tensor="rope_freqs.weight")
+    with pytest.raises(UnsupportedModelError, match="rope_freqs.weight"):
+        read_gguf(path)
+    path = str(tmp_path / "qwen.gguf")
+    _write_tiny_gguf(path, arch="qwen2")
+    with pytest.raises(UnsupportedModelError, match="qwen2"):
+        read_gguf(path)
+
+
+@needs_smollm2
+def test_greedy_generation_matches_transformers_gguf_load(gguf_path: str, reference_model) -> None:
+    """32 greedy tokens from a fixed chat prompt: jaxpeft (cached folder) == transformers (its GGUF load)."""
+    import torch
+    import transformers
+
+    from experiments.common import encode_prompt
+    from jaxpeft import from_pretrained
+    from jaxpeft.models.generate import generate
+
+    model, params, tokenizer = from_pretrained(None)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf_path),
+                                                        gguf_file=os.path.basename(gguf_path))
+    prompt = "Write a short poem about the sea."
+    ids = encode_prompt(tokenizer, prompt, chat=True)
+    assert ids == encode_prompt(hf_tok, prompt, chat=True)
+    ours = generate(model, params, [ids], max_new_tokens=32)[0]
+    with torch.no_grad():
+        theirs = reference_model.generate(torch.tensor([ids]), max_new_tokens=32, eos_token_id=None, pad_token_id=0,
+                                          do_sample=False, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    assert ours == theirs[0, len(ids):].tolist()

@@ -236,7 +236,6 @@ def gguf_to_hf_folder(gguf_path: str, out_dir: str) -> str:
     tokenizer.model_max_length = config["max_position_embeddings"]
 
     with atomic_dir(out_dir) as tmp:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is ordinary shared data.
         with open(tmp / "config.json", "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
