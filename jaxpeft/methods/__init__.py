@@ -1,0 +1,6 @@
+"""PEFT methods, each registered by name (see `base.Method`)."""
+
+from jaxpeft.methods import full, lora
+from jaxpeft.methods.base import METHODS, Method, get_method, register
+
+__all__ = ["METHODS", "Method", "get_method", "register", "lora", "full"]

@@ -211,7 +211,8 @@ class LlamaForCausalLM(nn.Module):
             self.config, self.dtype, self.param_dtype, self.remat, self.dropout_rate, self.deterministic
         )
         if not self.config.tie_word_embeddings:
-            self.lm_head = Linear(self.config.vocab_size, False, self.dtype, self.param_dtype)
+            self.lm_head = Linear(self.config.vocab_size, False, self.dtype, self.param_dtype, self.dropout_rate,
+                                  self.deterministic)
 
     def __call__(
         self,

@@ -1,0 +1,99 @@
+"""The method protocol and registry. Every PEFT method is a module that registers a `Method`.
+
+A method is a set of pure functions over the parameter tree:
+- `init(key, params, config)` returns the tree with the method's leaves added beside the weights
+  they adapt (base leaves are never copied);
+- `is_adapter(path, config)` says which leaves belong to the adapter (for split/combine and saving);
+- `is_trainable(path, config)` says which leaves the optimizer updates;
+- `merge`/`unmerge` fold the adapter into the base weights and back (where `mergeable`);
+- `to_peft`/`from_peft` convert to and from PEFT's on-disk format (where PEFT has one).
+Capabilities (`mergeable`, `identity_at_init`) tell the shared contract tests what to expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping
+
+import jax
+
+from jaxpeft.core import partition
+from jaxpeft.core.errors import ConfigError
+from jaxpeft.core.tree import Path
+
+
+class Method:
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    mergeable: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = True
+    peft_type: ClassVar[str | None] = None
+
+    def init(self, key: jax.Array, params: Mapping, config: Any) -> dict:
+        raise NotImplementedError
+
+    def is_adapter(self, path: Path, config: Any) -> bool:
+        raise NotImplementedError
+
+    def is_trainable(self, path: Path, config: Any) -> bool:
+        return self.is_adapter(path, config)
+
+    def is_added(self, path: Path, config: Any) -> bool:
+        """Leaves the base model does not have (adapter leaves minus trained copies of base weights)."""
+        return self.is_adapter(path, config)
+
+    def merge(self, params: Mapping, config: Any) -> dict:
+        raise ConfigError(f"{self.name} cannot be merged into the base weights; keep the adapter separate")
+
+    def unmerge(self, merged: Mapping, adapter: Mapping, config: Any) -> dict:
+        raise ConfigError(f"{self.name} cannot be merged, so there is nothing to unmerge")
+
+    def to_peft(self, params: Mapping, config: Any, **kw: Any) -> tuple[dict, dict]:
+        raise ConfigError(f"{self.name} has no PEFT format")
+
+    def from_peft(self, peft_config: Mapping, tensors: Mapping, params: Mapping) -> tuple[Any, dict]:
+        raise ConfigError(f"{self.name} has no PEFT format")
+
+    def model_kwargs(self, config: Any) -> dict[str, Any]:
+        """Extra attributes the model needs to run this method (e.g. dropout on the adapter path)."""
+        return {}
+
+    # Generic operations, the same for every method.
+    def split(self, params: Mapping, config: Any) -> tuple[dict, dict]:
+        """(adapter, base): exact inverse of `combine`."""
+        return partition.split_by(params, lambda p: self.is_adapter(p, config))
+
+    def combine(self, adapter: Mapping, base: Mapping) -> dict:
+        return partition.combine(base, adapter)
+
+    def labels(self, params: Mapping, config: Any) -> dict:
+        return partition.label_tree(params, lambda p: self.is_trainable(p, config))
+
+    def param_counts(self, params: Mapping, config: Any) -> dict[str, float]:
+        trainable, frozen = partition.split_trainable(params, self.labels(params, config))
+        adapter, _ = self.split(params, config)
+        _, base = partition.split_by(params, lambda p: self.is_added(p, config))
+        n_train, n_base = partition.count(trainable), partition.count(base)
+        return {"trainable": n_train, "base": n_base, "adapter": partition.count(adapter),
+                "total": partition.count(trainable) + partition.count(frozen),
+                "trainable_percent": 100.0 * n_train / max(n_base, 1)}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    import jaxpeft.methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    return dataclasses.replace(config, **changes)

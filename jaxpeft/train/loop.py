@@ -1,0 +1,127 @@
+"""The training loop: jitted steps over the trainable partition, logging, evaluation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+from jaxpeft.core.errors import JaxPeftError
+from jaxpeft.core.partition import combine, split_trainable
+from jaxpeft.train import optim, step as step_lib
+
+
+class NonFiniteLossError(JaxPeftError, FloatingPointError):
+    """The loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # sequences per optimizer step (split into grad_accum micro-batches)
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: no periodic evaluation
+    save_every: int = 0  # 0: save only at the end
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_size and grad_accum must be positive")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+
+
+class Trainer:
+    """Holds the frozen base, the train state, and the jitted step."""
+
+    def __init__(self, model: Any, params: Mapping, labels: Mapping, *, optim_cfg: optim.OptimConfig,
+                 train_cfg: TrainConfig, max_targets: int, train_model: Any | None = None) -> None:
+        self.model, self.cfg = model, train_cfg
+        trainable, self.frozen = split_trainable(params, labels)
+        self.tx = optim.adamw(optim_cfg)
+        self.schedule = optim.schedule(optim_cfg)
+        self.state = step_lib.init_state(trainable, self.tx, train_cfg.seed)
+        self._step = step_lib.make_train_step(model, self.tx, max_targets=max_targets, train_model=train_model)
+        self.max_targets = max_targets
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    def params(self) -> dict:
+        """The full parameter tree (frozen base + current trainable leaves)."""
+        return combine(self.frozen, self.state["params"])
+
+    def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
+        a = self.cfg.grad_accum
+        micro = {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in batch.items()}
+        targets = micro["loss_mask"][:, :, 1:].reshape(a, -1).sum(axis=1).max()
+        if targets > self.max_targets:
+            raise ValueError(f"a micro-batch has {targets} target tokens but max_targets is {self.max_targets}")
+        self.state, metrics = self._step(self.state, self.frozen, micro)
+        return {k: float(v) for k, v in metrics.items()}
+
+    def fit(
+        self,
+        batches: Iterator[Mapping[str, np.ndarray]],
+        *,
+        on_log: Callable[[dict], None] | None = None,
+        on_eval: Callable[[int], dict] | None = None,
+        on_save: Callable[[int], None] | None = None,
+        progress: bool = True,
+    ) -> list[dict]:
+        """Runs until `steps`; returns the logged records. Raises NonFiniteLossError on NaN/inf."""
+        from tqdm.auto import tqdm
+
+        cfg, logs = self.cfg, []
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
+        window_tokens, window_start = 0.0, time.perf_counter()
+        while self.step < cfg.steps:
+            batch = next(batches)
+            step_now = self.step + 1
+            metrics = self.train_step(batch)
+            if not math.isfinite(metrics["loss"]):
+                bar.close()
+                raise NonFiniteLossError(
+                    f"the loss became {metrics['loss']} at step {step_now}; the run stopped and the last good "
+                    "checkpoint is kept. Lower --lr, set --max_grad_norm, or use --dtype=float32.")
+            window_tokens += float(batch["attention_mask"].sum())
+            bar.update(1)
+            if step_now % cfg.log_every == 0 or step_now == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step_now, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                          "lr": float(self.schedule(step_now - 1)), "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                window_tokens, window_start = 0.0, time.perf_counter()
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                logs.append(record)
+                if on_log:
+                    on_log(record)
+            if on_eval and cfg.eval_every and step_now % cfg.eval_every == 0 and step_now < cfg.steps:
+                on_eval(step_now)
+                window_start = time.perf_counter()
+            if on_save and cfg.save_every and step_now % cfg.save_every == 0 and step_now < cfg.steps:
+                on_save(step_now)
+                window_start = time.perf_counter()
+        bar.close()
+        logging.info("training finished at step %d", self.step)
+        return logs
+
+
+def micro_batch_targets(encoded: list[Mapping[str, Any]], rows: int, seq_len: int, packed: bool) -> int:
+    """A static bound on target tokens per micro-batch of `rows` rows (rounded up to a multiple of 8)."""
+    if packed or not encoded:
+        bound = rows * (seq_len - 1)
+    else:
+        per_row = max(int(np.sum(np.asarray(e["loss_mask"])[1:])) for e in encoded)
+        bound = min(rows * per_row, rows * (seq_len - 1))
+    return max(8, -(-bound // 8) * 8)
+
+
+def device_count() -> int:
+    return jax.local_device_count()

@@ -1,0 +1,101 @@
+"""The jitted train and eval steps: causal-LM loss on target tokens only, gradient accumulation.
+
+Shape legend: A accumulation micro-steps, B micro-batch rows, S sequence length, D hidden, K the
+static number of target slots per micro-batch (targets are gathered, so the vocabulary projection
+runs on K rows instead of B*S), V vocab.
+
+Loss-mask convention (see train/data.py): loss_mask[b, t] == 1 means token t is a target, predicted
+by the hidden state at t - 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxpeft.core.partition import combine
+
+Batch = Mapping[str, jax.Array]
+
+
+def target_slots(loss_mask_BxS, max_targets: int):
+    """Flat indices (into the B*(S-1) shifted positions) of the targets, padded to K, and their validity."""
+    flat = loss_mask_BxS[:, 1:].reshape(-1) > 0
+    idx_K = jnp.nonzero(flat, size=max_targets, fill_value=0)[0]
+    valid_K = jnp.arange(max_targets) < jnp.sum(flat)
+    return idx_K, valid_K
+
+
+def token_nll_sum(model: Any, params: Mapping, batch: Batch, max_targets: int, rngs=None):
+    """(sum of target-token NLL, number of target tokens) for one micro-batch."""
+    ids = batch["input_ids"]
+    hidden = model.apply(
+        {"params": params}, ids, attention_mask_BxS=batch["attention_mask"],
+        positions_BxS=batch.get("positions"), segment_ids_BxS=batch.get("segment_ids"),
+        return_hidden=True, rngs=rngs,
+    )
+    b, s, d = hidden.shape
+    idx_K, valid_K = target_slots(batch["loss_mask"], max_targets)
+    h_KxD = hidden[:, :-1].reshape(b * (s - 1), d)[idx_K]
+    targets_K = ids[:, 1:].reshape(-1)[idx_K]
+    logits_KxV = model.apply({"params": params}, h_KxD, method="head").astype(jnp.float32)
+    nll_K = jax.nn.logsumexp(logits_KxV, axis=-1) - jnp.take_along_axis(logits_KxV, targets_K[:, None], -1)[:, 0]
+    return jnp.sum(jnp.where(valid_K, nll_K, 0.0)), jnp.sum(valid_K)
+
+
+def make_train_step(
+    model: Any,
+    tx: optax.GradientTransformation,
+    *,
+    max_targets: int,
+    train_model: Any | None = None,
+) -> Callable:
+    """Returns step(state, frozen, batch_AxBxS) -> (state, metrics); jitted, the state donated.
+
+    `state` = {"params": trainable leaves, "opt_state", "step", "rng"}; gradients are taken with respect to
+    the trainable leaves only. `train_model` (e.g. with dropout on) defaults to `model`.
+    """
+    train_model = train_model or model
+
+    def loss_fn(trainable, frozen, micro, key, n_total):
+        params = combine(frozen, trainable)
+        nll, n = token_nll_sum(train_model, params, micro, max_targets, rngs={"dropout": key})
+        return nll / n_total, n
+
+    def step(state, frozen, batch):
+        rng, step_key = jax.random.split(state["rng"])
+        n_total = jnp.maximum(jnp.sum(batch["loss_mask"][:, :, 1:] > 0), 1).astype(jnp.float32)
+        accum = batch["input_ids"].shape[0]
+        keys = jax.random.split(step_key, accum)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+
+        def micro_step(carry, xs):
+            grads, loss = carry
+            micro, key = xs
+            (l, _), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, micro, key, n_total)
+            return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l), None
+
+        (grads, loss), _ = jax.lax.scan(micro_step, (zeros, jnp.float32(0.0)), (batch, keys))
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": n_total}
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(model: Any, *, max_targets: int) -> Callable:
+    """Returns eval(params, batch_BxS) -> (nll sum, target count), jitted."""
+
+    def run(params, batch):
+        return token_nll_sum(model, params, batch, max_targets)
+
+    return jax.jit(run)
+
+
+def init_state(trainable: Mapping, tx: optax.GradientTransformation, seed: int) -> dict:
+    return {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0),
+            "rng": jax.random.PRNGKey(seed)}
