@@ -41,7 +41,7 @@ def main(argv) -> None:
     if _ADAPTER.value:
         from jaxpeft.convert.peft_io import load_peft_adapter
 
-        model, params = load_peft_adapter(_ADAPTER.value, model, params)
+        model, params, _ = load_peft_adapter(_ADAPTER.value, model, params)
     ids = encode_prompt(tokenizer, _PROMPT.value, chat=_CHAT.value)
     out = generate(model, params, [ids], max_new_tokens=_MAX_NEW.value, sampling=sampling,
                    stop_ids=stop_ids_for(tokenizer, model.config), pad_id=tokenizer.pad_token_id or 0,

@@ -27,7 +27,6 @@ _DORA = flags.DEFINE_bool("use_dora", False, "Weight-decomposed LoRA (DoRA).")
 def main(argv) -> None:
     del argv
     log_to_stderr()
-    from jaxpeft.convert.peft_io import save_peft_adapter
     from jaxpeft.methods import get_method
     from jaxpeft.methods.lora import LoraConfig
     from jaxpeft.train.run import run_finetune
@@ -40,11 +39,7 @@ def main(argv) -> None:
                           lora_dropout=_DROPOUT.value, target_modules=targets, use_rslora=_RSLORA.value,
                           use_dora=_DORA.value)
     cfg = run_config_from_flags("lora")
-
-    def save(path, params, config, base_name):
-        save_peft_adapter(path, params, config, base_model_name_or_path=base_name, overwrite=True)
-
-    results = run_finetune(cfg, get_method("lora"), lora_cfg, save_adapter=save)
+    results = run_finetune(cfg, get_method("lora"), lora_cfg)
     print_results(results, cfg.out)
 
 

@@ -53,3 +53,41 @@ def hf_logits(model, ids: np.ndarray, mask: np.ndarray | None = None, positions:
         kw["position_ids"] = torch.tensor(positions)
     with torch.no_grad():
         return model(torch.tensor(ids), **kw).logits.float().numpy()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(corpus, vocab_size: int = 293):
+    """A byte-level BPE tokenizer trained locally on `corpus`, with a SmolLM2-like chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(list(corpus), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<pad>",
+                                  bos_token="<|im_start|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_model_folder(path, *, layers: int = 2, seed: int = 0) -> str:
+    """A tiny random Llama + tokenizer saved as an HF folder: a `--model` for end-to-end runs."""
+    from jaxpeft.train.tasks import get_task
+
+    records = get_task("dates").make_split("train", 200, 0)
+    tok = tiny_tokenizer([r["instruction"] + " " + r["input"] + " " + r["output"] for r in records])
+    config = tiny_hf_config(layers=layers)
+    config.vocab_size = len(tok)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
+    model = tiny_hf_model(config, seed=seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

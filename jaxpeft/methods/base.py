@@ -28,6 +28,7 @@ class Method:
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True
     peft_type: ClassVar[str | None] = None
+    artifact_name: ClassVar[str] = "adapter"  # the run-folder entry the trained result is saved to
 
     def init(self, key: jax.Array, params: Mapping, config: Any) -> dict:
         raise NotImplementedError
@@ -53,6 +54,15 @@ class Method:
 
     def from_peft(self, peft_config: Mapping, tensors: Mapping, params: Mapping) -> tuple[Any, dict]:
         raise ConfigError(f"{self.name} has no PEFT format")
+
+    def save(self, path: Any, params: Mapping, config: Any, *, model_config: Any, base_model_name_or_path: str,
+             tokenizer: Any = None, overwrite: bool = False) -> None:
+        """Writes the adapter (only) in the method's exchange format, atomically."""
+        raise ConfigError(f"{self.name} has no adapter file format yet")
+
+    def load(self, path: Any, model: Any, params: Mapping) -> tuple[Any, dict, Any]:
+        """Reads a saved adapter onto base `params`: (model, params, config)."""
+        raise ConfigError(f"{self.name} has no adapter file format yet")
 
     def model_kwargs(self, config: Any) -> dict[str, Any]:
         """Extra attributes the model needs to run this method (e.g. dropout on the adapter path)."""

@@ -20,6 +20,7 @@ class Full(Method):
     name = "full"
     config_cls = FullConfig
     identity_at_init = True
+    artifact_name = "model"
 
     def init(self, key: jax.Array, params: Mapping, config: Any) -> dict:
         return dict(params)
@@ -29,6 +30,18 @@ class Full(Method):
 
     def is_added(self, path: Path, config: Any) -> bool:
         return False
+
+    def save(self, path: Any, params: Mapping, config: Any, *, model_config: Any, base_model_name_or_path: str,
+             tokenizer: Any = None, overwrite: bool = False) -> None:
+        from jaxpeft.convert.hf import save_hf_folder
+
+        save_hf_folder(path, params, model_config, tokenizer=tokenizer, overwrite=overwrite)
+
+    def load(self, path: Any, model: Any, params: Mapping) -> tuple[Any, dict, Any]:
+        from jaxpeft.convert.load import from_pretrained
+
+        loaded_model, loaded, _ = from_pretrained(str(path), dtype=model.dtype, load_tokenizer=False)
+        return loaded_model, loaded, FullConfig()
 
 
 register(Full())

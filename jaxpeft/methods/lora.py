@@ -118,6 +118,17 @@ class Lora(Method):
 
         return peft_io.peft_config_dict(params, config, **kw), peft_io.peft_keys(params, config.modules_to_save)
 
+    def save(self, path: Any, params: Mapping, config: LoraConfig, *, model_config: Any,
+             base_model_name_or_path: str, tokenizer: Any = None, overwrite: bool = False) -> None:
+        from jaxpeft.convert.peft_io import save_peft_adapter
+
+        save_peft_adapter(path, params, config, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
+
+    def load(self, path: Any, model: Any, params: Mapping) -> tuple[Any, dict, LoraConfig]:
+        from jaxpeft.convert.peft_io import load_peft_adapter
+
+        return load_peft_adapter(path, model, params)
+
     def model_kwargs(self, config: LoraConfig) -> dict[str, Any]:
         return {"dropout_rate": config.lora_dropout}
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -66,8 +65,7 @@ def _problem(record: Any) -> str | None:
             if not isinstance(m.get("content"), str):
                 return f"messages[{i}] lacks a string 'content'"
         if "target" in record:
-            ok = isinstance(record["target"], str) and record["target"].strip()
-            return None if ok else "'target' is not a non-empty string"
+            return None if isinstance(record["target"], str) else "'target' is not a string"
         roles = [m["role"] for m in msgs]
         if "assistant" not in roles:
             return "no assistant message to learn from"
@@ -77,8 +75,6 @@ def _problem(record: Any) -> str | None:
     missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
     if missing:
         return f"missing string field(s) {missing}"
-    if not record["output"].strip():
-        return "'output' is empty"
     if record.get("input") is not None and not isinstance(record["input"], str):
         return "'input' is not a string"
     return None
@@ -104,7 +100,9 @@ def _normalize_one(record: Mapping) -> Record:
 def normalize_records(records: Sequence[Any], *, source: str = "records") -> list[Record]:
     """Validates Alpaca/chat records and returns them as `{"messages", "target"}` dicts.
 
-    Raises DataError naming `source`, listing every bad record (index, problem, keys found).
+    Records whose answer is empty are dropped with a warning (real sets have a few; training on
+    them teaches the model to answer nothing). Raises DataError naming `source` and listing every
+    bad record (index, problem, keys found).
     """
     if len(records) == 0:
         raise DataError(f"{source} contains no records. Expected a non-empty list of {_EXPECTED}.")
@@ -119,7 +117,14 @@ def normalize_records(records: Sequence[Any], *, source: str = "records") -> lis
             f"{source}: {len(bad)} of {len(records)} records are not usable.\n"
             f"Expected {_EXPECTED}.\nFound:\n{bullet_list(shown)}{more}\n{_FIX}"
         )
-    return [_normalize_one(r) for r in records]
+    norm = [_normalize_one(r) for r in records]
+    empty = [i for i, r in enumerate(norm) if not r["target"].strip()]
+    if len(empty) == len(norm):
+        raise DataError(f"{source}: every record has an empty answer ('output' or 'target').")
+    if empty:
+        log.warning("%s: dropped %d records with an empty answer: %s", source, len(empty), empty)
+        norm = [r for r in norm if r["target"].strip()]
+    return norm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,56 +132,41 @@ def normalize_records(records: Sequence[Any], *, source: str = "records") -> lis
 
 
 def _read_local(path: Path) -> list[Any]:
+    expected = f"Expected a .json, .jsonl or .parquet file of {_EXPECTED}."
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise DataError(
-            f"Data file {path} {what}. Expected a .json, .jsonl or .parquet file of {_EXPECTED}. "
-            "Check the path (relative paths start from the current directory)."
-        )
+        raise DataError(f"Data file {path} {what}. {expected} Check the path (cwd-relative).")
     suffix = path.suffix.lower()
     if suffix not in _LOCAL_SUFFIXES:
-        raise DataError(
-            f"Data file {path} has suffix {suffix!r}; expected one of {list(_LOCAL_SUFFIXES)}. "
-            "Convert it, e.g. with datasets.Dataset.to_json(path)."
-        )
-    if path.stat().st_size == 0:
-        raise DataError(f"Data file {path} is empty. Expected a non-empty list of {_EXPECTED}.")
-    if suffix == ".parquet":
+        raise DataError(f"Data file {path} has suffix {suffix!r}. {expected} Convert it, e.g. "
+                        "with datasets.Dataset.to_json(path).")  # fmt: skip
+    if suffix == ".parquet" and path.stat().st_size:
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
-            raise MissingDependencyError("Reading .parquet needs pyarrow: pip install pyarrow") from e
+            raise MissingDependencyError("Reading .parquet needs: pip install pyarrow") from e
         try:
             return pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for a corrupt file.
-            raise DataError(f"Could not read parquet file {path}: {e}") from e
-    text = path.read_text(encoding="utf-8")
+            raise DataError(f"Could not read parquet file {path} ({e}). {expected}") from e
+    text = "" if suffix == ".parquet" else path.read_text(encoding="utf-8")
     if not text.strip():
-        raise DataError(f"Data file {path} is empty. Expected a non-empty list of {_EXPECTED}.")
-    if suffix == ".json":
+        raise DataError(f"Data file {path} is empty. {expected}")
+    if suffix == ".json" and text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # Maybe JSON lines saved as .json (datasets' to_json does that).
-        if isinstance(data, list):
-            return data
-        if data is not None and not isinstance(data, dict):
-            raise DataError(f"{path} holds a JSON {type(data).__name__}; expected a list of records.")
-        if isinstance(data, dict):
-            raise DataError(
-                f"{path} holds one JSON object with keys {sorted(data)}; expected a list of "
-                f"{_EXPECTED} (or one record per line). Save the list itself, e.g. data['train']."
-            )
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON: {e}. {expected}") from None
+    # JSON lines (also accepted in .json files: datasets' to_json writes them).
     records = []
     for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path} line {n} is not valid JSON ({e.msg}). Expected a JSON list of records "
-                    "or one JSON record per line."
-                ) from None
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {n} is not valid JSON ({e.msg}). Expected a JSON list "
+                            "of records or one JSON record per line.") from None  # fmt: skip
     return records
 
 
@@ -300,14 +290,15 @@ def _plain_prompt(record: Record) -> str:
             text += f"### Input:\n{record['input']}\n\n"
         return text + "### Response:\n"
     heads = {"system": "", "user": "### Instruction:\n", "assistant": "### Response:\n"}
-    parts = [heads.get(m["role"], f"### {m['role']}:\n") + m["content"] + "\n\n" for m in record["messages"]]
-    return "".join(parts) + "### Response:\n"
+    parts = [heads.get(m["role"], f"### {m['role']}:\n") + m["content"] for m in record["messages"]]
+    return "".join(p + "\n\n" for p in parts) + "### Response:\n"
 
 
 def _prompts(tokenizer: Any, records: Sequence[Record], chat: bool) -> list[list[int]]:
     if chat:
         convs = [r["messages"] for r in records]
-        return _id_lists(tokenizer.apply_chat_template(convs, add_generation_prompt=True, tokenize=True))
+        out = tokenizer.apply_chat_template(convs, add_generation_prompt=True, tokenize=True)
+        return _id_lists(out)
     return _id_lists(tokenizer([_plain_prompt(r) for r in records])["input_ids"])
 
 
@@ -367,12 +358,13 @@ class EncodeStats:
 def encode_records(
     tokenizer: Any, records: Sequence[Mapping], *, seq_len: int, chat_template: bool = True
 ) -> tuple[list[Record], EncodeStats]:
-    """Encodes many records (batched, so 2k short records take well under a second or two).
+    """Encodes many records (batched: 2k short records take well under a second).
 
     Returns examples as in `encode_example`, and counts including how many were truncated.
+    Records with an empty answer are dropped (see `normalize_records`).
     """
     if seq_len < 2:
-        raise ConfigError(f"seq_len must be at least 2 (a prompt token and a target); got {seq_len}.")
+        raise ConfigError(f"seq_len must be at least 2 (a prompt and a target); got {seq_len}.")
     norm = normalize_records(records)
     chat = _uses_chat_template(tokenizer, chat_template)
     examples = [_fit(p, c, seq_len) for p, c in _prompt_and_completion(tokenizer, norm, chat)]
@@ -385,7 +377,7 @@ def encode_records(
         num_target_tokens=sum(sum(e["loss_mask"]) for e in examples),
     )
     if stats.num_truncated:
-        log.info("%d of %d examples truncated to %d tokens.", stats.num_truncated, len(lens), seq_len)
+        log.info("%d of %d examples cut to %d tokens.", stats.num_truncated, len(lens), seq_len)
     return examples, stats
 
 
@@ -486,7 +478,7 @@ class Batcher:
         return {"epoch": self._epoch, "position": self._position}
 
     def restore(self, state: Mapping[str, int]) -> None:
-        """Moves to `state` (from `state()`), so the next batches match the ones that followed it."""
+        """Moves to `state` (from `state()`): the next batches are the ones that followed it."""
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < self.num_examples:
             raise ConfigError(
@@ -496,7 +488,9 @@ class Batcher:
         self._epoch, self._position = epoch, position
 
     @classmethod
-    def from_state(cls, examples: Sequence[Mapping], state: Mapping[str, int], **kwargs: Any) -> "Batcher":
+    def from_state(
+        cls, examples: Sequence[Mapping], state: Mapping[str, int], **kwargs: Any
+    ) -> Batcher:
         """A new Batcher over `examples` (same kwargs as the constructor) resumed at `state`."""
         batcher = cls(examples, **kwargs)
         batcher.restore(state)

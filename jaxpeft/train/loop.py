@@ -86,11 +86,13 @@ class Trainer:
             batch = next(batches)
             step_now = self.step + 1
             metrics = self.train_step(batch)
-            if not math.isfinite(metrics["loss"]):
+            if not math.isfinite(metrics["loss"]) or not metrics["finite"]:
                 bar.close()
+                what = f"the loss became {metrics['loss']}" if not math.isfinite(metrics["loss"]) else \
+                    "the update made the trainable weights non-finite"
                 raise NonFiniteLossError(
-                    f"the loss became {metrics['loss']} at step {step_now}; the run stopped and the last good "
-                    "checkpoint is kept. Lower --lr, set --max_grad_norm, or use --dtype=float32.")
+                    f"{what} at step {step_now}; the run stopped and the last good checkpoint is kept. "
+                    "Lower --lr, set --max_grad_norm, or use --dtype=float32.")
             window_tokens += float(batch["attention_mask"].sum())
             bar.update(1)
             if step_now % cfg.log_every == 0 or step_now == cfg.steps:

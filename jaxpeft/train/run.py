@@ -109,7 +109,6 @@ def run_finetune(
     method: Method,
     method_config: Any,
     *,
-    save_adapter: Callable[[Path, Mapping, Any, str], None],
     callbacks: Mapping[str, Callable] | None = None,
 ) -> dict[str, Any]:
     """Trains `method` on the configured model and data; returns the results dict (also results.json)."""
@@ -210,7 +209,8 @@ def run_finetune(
     metrics.close()
     ckpt.close()
     base_name = cfg.model or DEFAULT_MODEL
-    save_adapter(out / "adapter", final, method_config, base_name)
+    method.save(out / method.artifact_name, final, method_config, model_config=model.config,
+                base_model_name_or_path=base_name, tokenizer=tokenizer, overwrite=True)
     if cfg.save_merged:
         merged = method.merge(final, method_config)
         jaxpeft.save_hf_folder(out / "merged", merged, model.config, tokenizer=tokenizer, dtype=cfg.merged_dtype,

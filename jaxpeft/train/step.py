@@ -82,7 +82,12 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": n_total}
+        # A finite loss can still come with an update that overflows; checking the new trainable
+        # leaves keeps such a state out of the checkpoints.
+        finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)]))
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": n_total,
+                           "finite": finite.astype(jnp.float32)}
 
     return jax.jit(step, donate_argnums=(0,))
 
@@ -97,5 +102,8 @@ def make_eval_step(model: Any, *, max_targets: int) -> Callable:
 
 
 def init_state(trainable: Mapping, tx: optax.GradientTransformation, seed: int) -> dict:
+    """A fresh train state. The trainable leaves are copied: the step donates its state, and the caller's
+    arrays must stay valid."""
+    trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), trainable)
     return {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0),
             "rng": jax.random.PRNGKey(seed)}

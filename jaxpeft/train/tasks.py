@@ -3,7 +3,8 @@
 The bundled task is **date normalisation**: rewrite a date written in one of many human styles
 ("Tuesday, 5 March 2021", "the 5th of March, 2021", "05/03/2021 (day/month/year)", ...) as ISO 8601
 ("2021-03-05"). It is useful (log and form cleaning), the answer is an exact function of the input,
-a 135M instruct model gets it mostly wrong out of the box, and LoRA learns it in a few hundred steps.
+a 135M instruct model gets it mostly wrong out of the box, and LoRA learns it in a few hundred
+steps.
 
 Held-out dates are disjoint from training dates for every seed: each calendar date is assigned to
 the train or eval pool by a fixed hash of its ISO string, independent of the sampling seed. Records

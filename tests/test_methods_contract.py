@@ -1,0 +1,155 @@
+"""The contract every registered method keeps, run over the registry with per-method capabilities."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpeft import from_transformers
+from jaxpeft.core.tree import flatten_params
+from jaxpeft.methods import METHODS, get_method
+from jaxpeft.methods.full import FullConfig
+from jaxpeft.methods.lora import LoraConfig
+from jaxpeft.train import optim
+from jaxpeft.train.loop import TrainConfig, Trainer
+from tests import tolerances
+from tests.hf_tiny import VOCAB, tiny_hf_config, tiny_hf_model
+
+pytest.importorskip("torch")
+
+# Each registered method with the configs the battery runs (every registered method must appear).
+CONFIGS = {
+    "lora": [LoraConfig(r=3, lora_alpha=6),
+             LoraConfig(r=2, lora_alpha=5, use_rslora=True, use_dora=True, target_modules="all-linear"),
+             LoraConfig(r=4, target_modules=("gate_proj", "down_proj"), rank_pattern={"down_proj": 2},
+                        alpha_pattern={"gate_proj": 3.0}, layers_to_transform=(0, 2),
+                        modules_to_save=("lm_head",))],
+    "full": [FullConfig()],
+}
+CASES = [(name, i) for name in sorted(CONFIGS) for i in range(len(CONFIGS[name]))]
+
+
+def test_every_registered_method_is_in_the_battery():
+    assert set(METHODS) == set(CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return from_transformers(tiny_hf_model(tiny_hf_config(), seed=5))
+
+
+IDS = jnp.asarray(np.random.default_rng(0).integers(3, VOCAB, (2, 9)))
+
+
+def _logits(model, params):
+    return np.asarray(model.apply({"params": params}, IDS))
+
+
+_TRAINED: dict = {}
+
+
+def _trained(base, name, i, steps=3):
+    """(method, config, adapted-at-init, trained) for a case; trained once per case and shared."""
+    if (name, i) not in _TRAINED:
+        _TRAINED[(name, i)] = _train(base, name, i, steps)
+    return _TRAINED[(name, i)]
+
+
+def _train(base, name, i, steps):
+    model, params = base
+    method, cfg = get_method(name), CONFIGS[name][i]
+    adapted = method.init(jax.random.PRNGKey(i), params, cfg)
+    trainer = Trainer(model, adapted, method.labels(adapted, cfg),
+                      optim_cfg=optim.OptimConfig(lr=3e-2, total_steps=steps, warmup_steps=0),
+                      train_cfg=TrainConfig(steps=steps, batch_size=2), max_targets=16)
+    rng = np.random.default_rng(1)
+    for _ in range(steps):
+        ids = rng.integers(3, VOCAB, (2, 9)).astype(np.int32)
+        trainer.train_step({"input_ids": ids, "loss_mask": np.ones_like(ids), "attention_mask": np.ones_like(ids)})
+    return method, cfg, adapted, trainer.params()
+
+
+@pytest.mark.parametrize("name,i", CASES)
+def test_identity_at_init(base, name, i):
+    model, params = base
+    method, cfg = get_method(name), CONFIGS[name][i]
+    if not method.identity_at_init:
+        pytest.skip(f"{name} cannot equal the base at init")
+    adapted = method.init(jax.random.PRNGKey(0), params, cfg)
+    chex.assert_trees_all_close(_logits(model, adapted), _logits(model, params), **tolerances.EXACT)
+
+
+@pytest.mark.parametrize("name,i", CASES)
+def test_training_changes_only_trainable_leaves_and_split_combine_round_trips(base, name, i):
+    method, cfg, adapted, trained = _trained(base, name, i)
+    labels = flatten_params(method.labels(trained, cfg))
+    before, after = flatten_params(adapted), flatten_params(trained)
+    changed = {p for p in after if not np.array_equal(before[p], after[p])}
+    assert changed, "a few optimizer steps change the adapter"
+    assert all(labels[p] == "trainable" for p in changed)
+    adapter, rest = method.split(trained, cfg)
+    assert not set(flatten_params(adapter)) & set(flatten_params(rest))
+    chex.assert_trees_all_equal(method.combine(adapter, rest), trained)
+
+
+@pytest.mark.parametrize("name,i", CASES)
+def test_disabled_equals_base(base, name, i):
+    """Dropping the added leaves gives the base model back (trained copies of base weights, as with
+    modules_to_save or full fine-tuning, replace the base: disabling those means using the base tree)."""
+    model, params = base
+    method, cfg, _, trained = _trained(base, name, i)
+    _, rest = method.split(trained, cfg)
+    disabled = {p: v for p, v in flatten_params(params).items()}
+    disabled.update({p: v for p, v in flatten_params(rest).items()})
+    from jaxpeft.core.tree import unflatten_params
+
+    assert not np.allclose(_logits(model, trained), _logits(model, params), atol=1e-6)
+    chex.assert_trees_all_close(_logits(model, unflatten_params(disabled)), _logits(model, params),
+                                **tolerances.EXACT)
+
+
+@pytest.mark.parametrize("name,i", CASES)
+def test_merge_equals_unmerged_and_unmerge_restores_base(base, name, i):
+    model, params = base
+    method, cfg, _, trained = _trained(base, name, i)
+    if not method.mergeable:
+        pytest.skip(f"{name} does not merge")
+    merged = method.merge(trained, cfg)
+    assert not any(p[-1].startswith("lora_") for p in flatten_params(merged))
+    chex.assert_trees_all_close(_logits(model, merged), _logits(model, trained), **tolerances.LOGITS_FP32)
+    adapter, _ = method.split(trained, cfg)
+    if getattr(cfg, "use_dora", False):
+        with pytest.raises(Exception, match="DoRA"):
+            method.unmerge(merged, adapter, cfg)
+        return
+    restored = method.unmerge(merged, adapter, cfg)
+    base_part = {p: v for p, v in flatten_params(restored).items() if p in flatten_params(params)}
+    saved = [m for m in getattr(cfg, "modules_to_save", ())]
+    expect = {p: v for p, v in flatten_params(params).items() if not (saved and p[0] in saved)}
+    chex.assert_trees_all_close({"/".join(p): base_part[p] for p in expect},
+                                {"/".join(p): v for p, v in expect.items()}, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,i", CASES)
+def test_adapter_only_save_and_load(base, name, i, tmp_path):
+    model, params = base
+    method, cfg, _, trained = _trained(base, name, i)
+    method.save(tmp_path / "a", trained, cfg, model_config=model.config, base_model_name_or_path="tiny")
+    _, loaded, _ = method.load(tmp_path / "a", model, params)
+    chex.assert_trees_all_close(_logits(model, loaded), _logits(model, trained), **tolerances.LOGITS_FP32)
+
+
+def test_merged_lora_exports_to_transformers_with_the_adapted_logits(base, tmp_path):
+    import transformers
+
+    from jaxpeft import save_hf_folder
+    from tests.hf_tiny import hf_logits
+
+    model, params = base
+    method, cfg, _, trained = _trained(base, "lora", 1)  # DoRA + rsLoRA on every linear layer
+    out = save_hf_folder(tmp_path / "merged", method.merge(trained, cfg), model.config)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    chex.assert_trees_all_close(hf_logits(hf, np.asarray(IDS)), _logits(model, trained), **tolerances.LOGITS_FP32)
