@@ -14,7 +14,7 @@ from absl import app, flags
 
 from experiments.common import define_run_flags, log_to_stderr, parse_targets, print_results, run_config_from_flags
 
-define_run_flags(default_steps=150, default_lr=1e-3)
+define_run_flags(default_steps=100, default_lr=1e-3)
 _RANK = flags.DEFINE_integer("rank", 16, "LoRA rank r.")
 _ALPHA = flags.DEFINE_float("alpha", None, "LoRA alpha (default: 2 x rank).")
 _DROPOUT = flags.DEFINE_float("dropout", 0.0, "Dropout on the LoRA path.")

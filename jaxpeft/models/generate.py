@@ -81,11 +81,12 @@ def _decode_fn(model: Any, max_new_tokens: int, sampling: SamplingConfig, cache_
     return jax.jit(run)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads token lists to one length (rounded up to `multiple` to limit recompiles)."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16,
+             min_len: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to one length (at least `min_len`, rounded up to `multiple` to limit recompiles)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    longest = max(len(p) for p in prompts)
+    longest = max(max(len(p) for p in prompts), min_len)
     width = -(-longest // multiple) * multiple
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
@@ -106,11 +107,15 @@ def generate(
     pad_id: int = 0,
     seed: int = 0,
     cache_dtype: Any = None,
+    min_prompt_len: int = 0,
 ) -> list[list[int]]:
-    """Continues each prompt; returns the new tokens per row, cut after the first stop token (kept)."""
+    """Continues each prompt; returns the new tokens per row, cut after the first stop token (kept).
+
+    `min_prompt_len` pads prompts to at least that length, so calls with different prompts share one
+    compiled decode loop."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = left_pad(prompts, pad_id, min_len=min_prompt_len)
     fn = _decode_fn(model, max_new_tokens, sampling, cache_dtype or model.dtype)
     stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
     out = np.asarray(fn(params, jnp.asarray(ids), jnp.asarray(mask), stops, jax.random.key(seed)))

@@ -159,7 +159,7 @@ def run_finetune(
     train_model = model.clone(deterministic=False, **method.model_kwargs(method_config))
     trainer = Trainer(model, params, method.labels(params, method_config), optim_cfg=optim_cfg,
                       train_cfg=train_cfg, max_targets=max_targets, train_model=train_model)
-    eval_rows = max(1, min(cfg.batch_size, len(eval_encoded)))
+    eval_rows = max(1, min(32, len(eval_encoded)))
     eval_step = make_eval_step(model, max_targets=micro_batch_targets(eval_encoded, eval_rows, seq_len, False))
     eval_prompts = data_lib.eval_prompts(tokenizer, eval_records[: cfg.eval_examples])
     score = task.score if task else tasks.default_score
