@@ -67,7 +67,7 @@ def define_run_flags(default_steps: int = 200, default_lr: float = 2e-4) -> None
     flags.DEFINE_bool("remat", False, "Recompute layer activations in the backward pass (saves memory).")
     flags.DEFINE_integer("seed", 0, "Seed for init, data order and dropout.")
     flags.DEFINE_integer("eval_every", 0, "Evaluate every N steps (0 = only before and after).")
-    flags.DEFINE_integer("eval_examples", 100, "Held-out examples for generation-based evaluation.")
+    flags.DEFINE_integer("eval_examples", 100, "Held-out examples to evaluate (loss and generation metrics).")
     flags.DEFINE_integer("save_every", 50, "Checkpoint every N steps (and at the end).")
     flags.DEFINE_integer("keep_checkpoints", 2, "Checkpoints to keep.")
     flags.DEFINE_string("out", None, "Run folder (default: runs/<method>-<date>-<time>).")

@@ -7,7 +7,6 @@ import math
 import time
 from typing import Any, Callable, Iterator, Mapping
 
-import jax
 import numpy as np
 from absl import logging
 
@@ -116,14 +115,12 @@ class Trainer:
 
 
 def micro_batch_targets(encoded: list[Mapping[str, Any]], rows: int, seq_len: int, packed: bool) -> int:
-    """A static bound on target tokens per micro-batch of `rows` rows (rounded up to a multiple of 8)."""
-    if packed or not encoded:
-        bound = rows * (seq_len - 1)
-    else:
-        per_row = max(int(np.sum(np.asarray(e["loss_mask"])[1:])) for e in encoded)
-        bound = min(rows * per_row, rows * (seq_len - 1))
+    """A static bound on target tokens per micro-batch of `rows` rows (rounded up to a multiple of 8).
+
+    A row holds one example, or with packing at most seq_len // (shortest example) of them."""
+    if not encoded:
+        return max(8, -(-rows * (seq_len - 1) // 8) * 8)
+    per_example = max(int(np.sum(np.asarray(e["loss_mask"]))) for e in encoded)
+    per_row = per_example * (seq_len // max(min(len(e["input_ids"]) for e in encoded), 1) if packed else 1)
+    bound = rows * min(per_row, seq_len - 1)
     return max(8, -(-bound // 8) * 8)
-
-
-def device_count() -> int:
-    return jax.local_device_count()

@@ -54,7 +54,7 @@ class RunConfig:
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
-    eval_examples: int = 100  # held-out examples for generation-based evaluation
+    eval_examples: int = 100  # held-out examples evaluated (loss and generation)
     resume: bool = False
     overwrite: bool = False
     save_merged: bool = False
@@ -134,6 +134,8 @@ def run_finetune(
     train_records, eval_records = data_lib.load_records(cfg.dataset, eval_split=eval_split,
                                                         eval_dataset=cfg.eval_dataset, seed=cfg.seed)
     encoded, stats = data_lib.encode_records(tokenizer, train_records, seq_len=cfg.seq_len)
+    # The held-out loss and the generation metrics use the same first `eval_examples` records.
+    eval_records = eval_records[: cfg.eval_examples]
     eval_encoded, _ = data_lib.encode_records(tokenizer, eval_records, seq_len=cfg.seq_len)
     # Static shapes: pad to the longest example (rounded to 16) when that is shorter than seq_len.
     seq_len = cfg.seq_len if cfg.pack else min(cfg.seq_len, -(-stats.max_len // 16) * 16)
@@ -161,7 +163,7 @@ def run_finetune(
                       train_cfg=train_cfg, max_targets=max_targets, train_model=train_model)
     eval_rows = max(1, min(32, len(eval_encoded)))
     eval_step = make_eval_step(model, max_targets=micro_batch_targets(eval_encoded, eval_rows, seq_len, False))
-    eval_prompts = data_lib.eval_prompts(tokenizer, eval_records[: cfg.eval_examples])
+    eval_prompts = data_lib.eval_prompts(tokenizer, eval_records)
     score = task.score if task else tasks.default_score
     max_new = task.max_new_tokens if task else 128
 
