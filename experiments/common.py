@@ -113,3 +113,19 @@ def print_results(results: dict, out: str) -> None:
         print(f"{k:<28}{before.get(k, float('nan')):>12.4f}{after[k]:>12.4f}")
     for s in results.get("samples_after", [])[:3]:
         print(f"  sample: {s['prediction']!r}  (reference {s['reference']!r})")
+
+
+def run_app(main) -> None:
+    """absl's app.run, with jaxpeft's own errors shown as one clear message instead of a traceback."""
+    from absl import app
+
+    from jaxpeft.core.errors import JaxPeftError
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except JaxPeftError as e:
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(2)
+
+    app.run(guarded)

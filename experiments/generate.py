@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from experiments.common import encode_prompt, log_to_stderr
+from experiments.common import encode_prompt, log_to_stderr, run_app
 
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.", required=True)
 _MODEL = flags.DEFINE_string("model", None, "HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct).")
@@ -51,4 +51,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

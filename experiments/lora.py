@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments.common import define_run_flags, log_to_stderr, parse_targets, print_results, run_config_from_flags
+from experiments.common import (define_run_flags, log_to_stderr, parse_targets, print_results, run_app,
+                                run_config_from_flags)
 
 define_run_flags(default_steps=100, default_lr=1e-3)
 _RANK = flags.DEFINE_integer("rank", 16, "LoRA rank r.")
@@ -44,4 +45,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)
