@@ -144,7 +144,7 @@ class Lora(Method):
         for module in modules:
             leaves = {p[-1]: v for p, v in flat_a.items() if p[:-1] == module}
             w = flat[module + ("kernel",)]
-            delta = _delta(leaves, w.dtype)
+            delta = _delta(leaves)
             if "lora_magnitude" in leaves:
                 # merged = m (W + d) / ||W + d||: its column norms are m whatever W was, so the merged
                 # weights no longer determine W. Keep the base tree (it is never modified) instead.
@@ -176,7 +176,8 @@ def _new_leaves(key: jax.Array, leaves: Mapping[str, Any], name: str, config: Lo
     return out
 
 
-def _delta(leaves: Mapping[str, Any], dtype: Any) -> jax.Array:
+def _delta(leaves: Mapping[str, Any]) -> jax.Array:
+    """scale · A B in fp32, (I, O)."""
     a = jnp.asarray(leaves["lora_a"], jnp.float32)
     b = jnp.asarray(leaves["lora_b"], jnp.float32)
     return (a @ b) * jnp.asarray(leaves["lora_scale"], jnp.float32)
@@ -186,7 +187,7 @@ def _merge_module(leaves: dict[str, Any]) -> dict[str, Any]:
     base = {k: v for k, v in leaves.items() if k not in LORA_LEAVES}
     w = dense_kernel(leaves, jnp.float32)
     dtype = leaves["kernel"].dtype if "kernel" in leaves else jnp.float32
-    merged = w + _delta(leaves, jnp.float32)
+    merged = w + _delta(leaves)
     if "lora_magnitude" in leaves:
         merged = merged * (jnp.asarray(leaves["lora_magnitude"], jnp.float32) / jnp.linalg.norm(merged, axis=0))
     base.pop("qkernel", None)
