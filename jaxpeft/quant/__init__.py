@@ -23,3 +23,4 @@ __all__ = [
     "dequantize_blockwise_8bit", "dequantize_kernel", "dequantize_params", "param_bytes", "quantize_4bit",
     "quantize_blockwise_8bit", "quantize_kernel", "quantize_params",
 ]
+import jaxpeft.kernels.nf4_matmul  # noqa: E402,F401  registers ops.KERNEL_MATMULS["qkernel"] (a plain import: avoids a cycle)
