@@ -11,13 +11,11 @@ import pytest
 
 from jaxpeft.core.errors import ConfigError, DataError
 from jaxpeft.train import data
+from tests import hf_tiny
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Like SmolLM2's template: a "\n" follows the end-of-turn token, and it must not be a target.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+CHAT_TEMPLATE = hf_tiny.CHAT_TEMPLATE
 ALPACA = {"instruction": "Add the numbers.", "input": "17 and 25", "output": "The sum is 42."}
 CHAT = {
     "messages": [
@@ -30,25 +28,7 @@ CHAT = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=293,  # Odd on purpose.
-        special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    corpus = ["Add the numbers and say hello to the world.", "The sum is 42."]
-    bpe.train_from_iterator(corpus, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<pad>", bos_token="<|im_start|>"
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return hf_tiny.tiny_tokenizer(["Add the numbers and say hello to the world.", "The sum is 42."])
 
 
 def _target_text(tok, example) -> str:
