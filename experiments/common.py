@@ -78,6 +78,35 @@ def define_run_flags(default_steps: int = 200, default_lr: float = 2e-4) -> None
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
+def define_lora_flags() -> None:
+    """LoRA's flags (experiments.lora and experiments.qlora)."""
+    from absl import flags
+
+    flags.DEFINE_integer("rank", 16, "LoRA rank r.")
+    flags.DEFINE_float("alpha", None, "LoRA alpha (default: 2 x rank).")
+    flags.DEFINE_float("dropout", 0.0, "Dropout on the LoRA path.")
+    flags.DEFINE_string("targets", "q_proj,k_proj,v_proj,o_proj",
+                        "Module-name suffixes (comma-separated), 'all-linear', or re:<regex>.")
+    flags.DEFINE_bool("use_rslora", False, "Scale by alpha/sqrt(r) (rsLoRA).")
+    flags.DEFINE_bool("use_dora", False, "Weight-decomposed LoRA (DoRA).")
+
+
+def lora_config_from_flags():
+    """LoraConfig from `define_lora_flags`' flags; a bad --targets is a usage error."""
+    from absl import app, flags
+
+    from jaxpeft.methods.lora import LoraConfig
+
+    f = flags.FLAGS
+    try:
+        targets = parse_targets(f.targets)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    return LoraConfig(r=f.rank, lora_alpha=f.alpha if f.alpha is not None else 2.0 * f.rank,
+                      lora_dropout=f.dropout, target_modules=targets, use_rslora=f.use_rslora,
+                      use_dora=f.use_dora)
+
+
 def run_config_from_flags(method_name: str):
     """RunConfig from the shared flags."""
     import datetime

@@ -29,7 +29,8 @@ from jaxpeft.methods.base import Method
 DEFAULT_DATASET = "builtin:dates"
 # Settings whose change alters the maths of a run, so --resume refuses them (`steps` may grow).
 MATHS_KEYS = ("model", "dataset", "eval_split", "eval_dataset", "batch_size", "grad_accum", "seq_len", "lr",
-              "warmup_steps", "weight_decay", "max_grad_norm", "dtype", "seed", "pack", "method", "method_config")
+              "warmup_steps", "weight_decay", "max_grad_norm", "dtype", "seed", "pack", "method", "method_config",
+              "base_loader")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,8 +111,14 @@ def run_finetune(
     method_config: Any,
     *,
     callbacks: Mapping[str, Callable] | None = None,
+    base_loader: Callable[..., tuple[Any, dict, Any, dict]] | None = None,
 ) -> dict[str, Any]:
-    """Trains `method` on the configured model and data; returns the results dict (also results.json)."""
+    """Trains `method` on the configured model and data; returns the results dict (also results.json).
+
+    `base_loader` replaces `from_pretrained` (QLoRA: `jaxpeft.convert.bnb.QuantizedBaseLoader`): called as
+    `base_loader(cfg.model, dtype=, remat=)` -> (model, params, tokenizer, info); its `settings` dict is
+    recorded (and checked by --resume) and `info` goes into config.json.
+    """
     import jaxpeft
     from jaxpeft.convert.default_model import DEFAULT_MODEL
     from jaxpeft.train import data as data_lib
@@ -124,9 +131,15 @@ def run_finetune(
 
     callbacks = dict(callbacks or {})
     settings = {**dataclasses.asdict(cfg), "method": method.name, "method_config": _jsonable(method_config)}
+    if base_loader is not None:
+        settings["base_loader"] = dict(getattr(base_loader, "settings", {}))
     out = prepare_out_dir(cfg, settings)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
-    model, params, tokenizer = jaxpeft.from_pretrained(cfg.model, dtype=dtype, remat=cfg.remat)
+    if base_loader is None:
+        model, params, tokenizer = jaxpeft.from_pretrained(cfg.model, dtype=dtype, remat=cfg.remat)
+        base_info: dict[str, Any] = {}
+    else:
+        model, params, tokenizer, base_info = base_loader(cfg.model, dtype=dtype, remat=cfg.remat)
 
     # Data: the builtin task carries its own held-out split and scorer; files get a held-out fraction.
     task = tasks.get_task(cfg.dataset.split(":", 1)[1]) if cfg.dataset.startswith("builtin:") else None
@@ -150,7 +163,7 @@ def run_finetune(
     logging.info("%s: %s trainable parameters (%.4f %% of the %s base parameters)", method.name,
                  f"{counts['trainable']:,}", counts["trainable_percent"], f"{counts['base']:,}")
     write_json(out / "config.json", {"settings": settings, "versions": library_versions(), "parameters": counts,
-                                     "effective_seq_len": seq_len})
+                                     "effective_seq_len": seq_len, **base_info})
 
     rows = cfg.batch_size // cfg.grad_accum
     max_targets = micro_batch_targets(encoded, rows, seq_len, cfg.pack)
@@ -214,7 +227,10 @@ def run_finetune(
     method.save(out / method.artifact_name, final, method_config, model_config=model.config,
                 base_model_name_or_path=base_name, tokenizer=tokenizer, overwrite=True)
     if cfg.save_merged:
-        merged = method.merge(final, method_config)
+        from jaxpeft.quant import dequantize_params
+
+        # A quantized base (QLoRA) is written dequantized, in fp32 before the cast to merged_dtype.
+        merged = dequantize_params(method.merge(final, method_config), jnp.float32)
         jaxpeft.save_hf_folder(out / "merged", merged, model.config, tokenizer=tokenizer, dtype=cfg.merged_dtype,
                                overwrite=True)
     plot_losses(out / "metrics.jsonl", out / "loss.png")

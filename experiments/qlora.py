@@ -1,0 +1,42 @@
+"""Fine-tune a model with QLoRA: LoRA (fp32 adapter weights) on a 4-bit quantized base.
+
+    python -m experiments.qlora --rank=16
+
+The flags and run folder of experiments.lora, plus --quant_type, --double_quant and --blocksize. Every
+linear module but the output head is quantized to 4 bits (bit for bit as bitsandbytes does) before
+LoRA is added; embeddings and norms stay dense. A --model folder that bitsandbytes quantized (its
+config.json has a bitsandbytes quantization_config) is used as it is: QLoRA starts from the
+checkpoint's own codes. config.json records the quantization settings and the base's parameter bytes
+(quantized vs fp32); --save_merged writes merged/, the dequantized base with the adapter merged in.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from experiments.common import (define_lora_flags, define_run_flags, log_to_stderr, lora_config_from_flags,
+                                print_results, run_app, run_config_from_flags)
+
+define_run_flags(default_steps=100, default_lr=1e-3)
+define_lora_flags()
+_QUANT_TYPE = flags.DEFINE_enum("quant_type", "nf4", ["nf4", "fp4"], "4-bit data type of the base weights.")
+_DOUBLE_QUANT = flags.DEFINE_bool("double_quant", True, "Quantize the block scales too (bitsandbytes' double quant).")
+_BLOCKSIZE = flags.DEFINE_integer("blocksize", 64, "Weights per quantization block (32, 64, ..., 4096).")
+
+
+def main(argv) -> None:
+    del argv
+    log_to_stderr()
+    from jaxpeft.convert.bnb import Bnb4bitConfig, QuantizedBaseLoader
+    from jaxpeft.methods import get_method
+    from jaxpeft.train.run import run_finetune
+
+    quant = Bnb4bitConfig(quant_type=_QUANT_TYPE.value, double_quant=_DOUBLE_QUANT.value, blocksize=_BLOCKSIZE.value)
+    lora_cfg = lora_config_from_flags()
+    cfg = run_config_from_flags("qlora")
+    results = run_finetune(cfg, get_method("lora"), lora_cfg, base_loader=QuantizedBaseLoader(quant))
+    print_results(results, cfg.out)
+
+
+if __name__ == "__main__":
+    run_app(main)

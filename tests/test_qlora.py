@@ -1,0 +1,118 @@
+"""QLoRA: LoRA on a 4-bit base trains, merges to a dense HF folder that transformers runs, and has a CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpeft import from_transformers
+from jaxpeft.convert.bnb import Bnb4bitConfig, QuantizedBaseLoader
+from jaxpeft.convert.peft_io import load_peft_adapter
+from jaxpeft.core.errors import ConfigError
+from jaxpeft.core.tree import flatten_params
+from jaxpeft.methods import get_method
+from jaxpeft.methods.lora import LoraConfig
+from jaxpeft.quant import Quantized4bit, quantize_params
+from jaxpeft.train import optim
+from jaxpeft.train.loop import TrainConfig, Trainer
+from tests import tolerances
+from tests.hf_tiny import VOCAB, hf_logits, tiny_hf_config, tiny_hf_model, tiny_model_folder
+
+torch = pytest.importorskip("torch")
+ROOT = Path(__file__).resolve().parents[1]
+LORA = get_method("lora")
+QUANT_FLAGS = ("--quant_type=fp4", "--blocksize=32")  # not the defaults, so the flags are seen to arrive
+
+
+def _cli(*args, check=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "experiments.qlora", *args], cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"experiments.qlora {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_qlora_training_lowers_the_loss_and_keeps_the_base_quantized():
+    model, params = from_transformers(tiny_hf_model(tiny_hf_config(layers=2), seed=3))
+    qparams = quantize_params(params, blocksize=32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    adapted = LORA.init(jax.random.PRNGKey(0), qparams, cfg)
+    trainer = Trainer(model, adapted, LORA.labels(adapted, cfg),
+                      optim_cfg=optim.OptimConfig(lr=1e-2, total_steps=8, warmup_steps=0),
+                      train_cfg=TrainConfig(steps=8, batch_size=4), max_targets=24)
+    ids = np.random.default_rng(0).integers(3, VOCAB, (4, 10)).astype(np.int32)
+    mask = np.zeros_like(ids)
+    mask[:, 5:] = 1
+    batch = {"input_ids": ids, "loss_mask": mask, "attention_mask": np.ones_like(ids)}
+    losses = [trainer.train_step(batch)["loss"] for _ in range(8)]
+    assert losses[-1] < losses[0] - 0.1, losses
+    before, after = flatten_params(adapted), flatten_params(trainer.params())
+    quantized = [p for p in before if p[-1] == "qkernel"]
+    assert len(quantized) == 2 * 7
+    for p in quantized:  # the 4-bit base is frozen: same codes and statistics
+        assert isinstance(after[p], Quantized4bit)
+        jax.tree.map(np.testing.assert_array_equal, after[p], before[p])
+    assert all(after[p].dtype == jnp.float32 for p in after if p[-1] in ("lora_a", "lora_b"))
+
+
+def test_unsupported_blocksize_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"blocksize 48: bitsandbytes accepts \[32, 64, 128"):
+        Bnb4bitConfig(blocksize=48)
+    with pytest.raises(ConfigError) as both:  # every problem at once
+        Bnb4bitConfig(blocksize=100, quant_type="int4")
+    assert "blocksize 100" in str(both.value) and "'int4'" in str(both.value)
+    proc = _cli("--blocksize=48", "--out=/nonexistent/never-written", check=False)
+    assert proc.returncode == 2 and "blocksize 48" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qlora")
+    model = tiny_model_folder(root / "model")
+    out = root / "run"
+    proc = _cli(f"--model={model}", "--rank=4", "--steps=3", "--batch_size=4", "--eval_examples=4",
+                "--lr=1e-2", "--warmup_steps=0", "--save_every=0", f"--out={out}", "--save_merged", "--noprogress",
+                *QUANT_FLAGS)
+    return model, out, proc
+
+
+def test_qlora_cli_writes_the_run_folder(trained):
+    model, out, proc = trained
+    assert "eval_exact_match" in proc.stdout and "before" in proc.stdout
+    for name in ("config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "metrics.jsonl", "results.json", "merged/config.json", "merged/model.safetensors"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["base_loader"] == {
+        "quantization": {"quant_type": "fp4", "blocksize": 32, "double_quant": True, "targets": "all-linear"}}
+    q = config["quantization"]
+    assert (q["source"], q["quant_type"], q["blocksize"], q["quantized_modules"]) == (
+        "quantized on load", ["fp4"], [32], 2 * 7)
+    assert 0 < q["base_param_bytes"]["quantized"] < q["base_param_bytes"]["float32"]
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == model
+    assert "quantization_config" not in json.loads((out / "merged" / "config.json").read_text())
+
+
+def test_merged_folder_equals_the_qlora_model(trained):
+    model_dir, out, _ = trained
+    loader = QuantizedBaseLoader(Bnb4bitConfig(quant_type="fp4", blocksize=32))
+    model, qparams, _, _ = loader(model_dir, dtype=jnp.float32)
+    _, adapted, _ = load_peft_adapter(out / "adapter", model, qparams)
+    ids = np.random.default_rng(1).integers(3, model.config.vocab_size, (2, 13))
+    ours = np.asarray(model.apply({"params": adapted}, jnp.asarray(ids)))
+    base = np.asarray(model.apply({"params": qparams}, jnp.asarray(ids)))
+    assert np.abs(ours - base).max() > 1e-3  # the adapter was trained: merged/ is not just the base
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"), attn_implementation="eager").eval()
+    np.testing.assert_allclose(hf_logits(merged, ids), ours, **tolerances.LOGITS_FP32)
