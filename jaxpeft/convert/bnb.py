@@ -33,9 +33,8 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
-from jaxpeft.convert.hf import (WEIGHTS_NAME, _numpy_dtype, expected_hf_names, hf_name_to_path, params_to_hf,
-                                read_hf_weights)
-from jaxpeft.core.atomic import atomic_dir
+from jaxpeft.convert.hf import (_numpy_dtype, expected_hf_names, hf_name_to_path, params_to_hf, read_hf_weights,
+                                write_hf_folder)
 from jaxpeft.core.errors import CheckpointError, ConfigError, UnsupportedModelError, bullet_list
 from jaxpeft.core.partition import count
 from jaxpeft.core.targets import Targets
@@ -139,28 +138,16 @@ def save_bnb_folder(
     """Writes an HF folder that `AutoModelForCausalLM.from_pretrained(out_dir)` loads as a bitsandbytes
     4-bit model (needs bitsandbytes on the loading side). Dense tensors are stored in `dtype`; the 4-bit
     matmuls compute in `compute_dtype`. Written atomically."""
-    from safetensors.numpy import save_file
-
     state = bnb_state_dict(params, dtype)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
     flat = flatten_params(params)
     first = next(q for p, q in flat.items() if p[-1] == "qkernel")
     quantized = {dotted(p[:-1]) for p in flat if p[-1] == "qkernel"}
     # transformers converts every nn.Linear not listed here; an explicit list replaces its default (lm_head).
     skip = sorted({dotted(p[:-1]) for p in flat if p[-1] == "kernel"} | ({"lm_head"} - quantized))
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        hf_config = {**config.to_hf(), "torch_dtype": dtype, "dtype": dtype,
-                     "quantization_config": quantization_config(first.quant_type, first.double_quant,
-                                                                compute_dtype=compute_dtype, skip_modules=skip)}
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": hf_config["eos_token_id"],
-               "pad_token_id": config.pad_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-    return Path(out_dir)
+    hf_config = {**config.to_hf(), "torch_dtype": dtype, "dtype": dtype,
+                 "quantization_config": quantization_config(first.quant_type, first.double_quant,
+                                                            compute_dtype=compute_dtype, skip_modules=skip)}
+    return write_hf_folder(out_dir, state, hf_config, tokenizer=tokenizer, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- import

@@ -155,18 +155,35 @@ def save_hf_folder(
 
     Written atomically: the folder appears complete or not at all.
     """
-    from safetensors.numpy import save_file
-
     np_dtype = _numpy_dtype(dtype)
     state = params_to_hf(params, np_dtype)
-    if config.tie_word_embeddings:
+    hf_config = {**config.to_hf(), "torch_dtype": dtype, "dtype": dtype}
+    return write_hf_folder(out_dir, state, hf_config, tokenizer=tokenizer, generation_config=generation_config,
+                           overwrite=overwrite)
+
+
+def write_hf_folder(
+    out_dir: str | os.PathLike,
+    state: Mapping[str, np.ndarray],
+    hf_config: Mapping[str, Any],
+    *,
+    tokenizer: Any = None,
+    generation_config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes model.safetensors, config.json, generation_config.json (and the tokenizer) atomically.
+
+    A tied model's `lm_head.weight` is left out, as transformers saves it."""
+    from safetensors.numpy import save_file
+
+    state = dict(state)
+    if hf_config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        hf_config = {**config.to_hf(), "torch_dtype": dtype, "dtype": dtype}
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": hf_config["eos_token_id"],
-               "pad_token_id": config.pad_token_id, **(generation_config or {})}
+        (tmp / "config.json").write_text(json.dumps(dict(hf_config), indent=2, sort_keys=True))
+        gen = {"bos_token_id": hf_config.get("bos_token_id"), "eos_token_id": hf_config.get("eos_token_id"),
+               "pad_token_id": hf_config.get("pad_token_id"), **(generation_config or {})}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
