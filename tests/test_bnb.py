@@ -115,6 +115,11 @@ def test_transformers_bnb_folder_loads_with_bnb_exact_weights(root, quant_type, 
         np.testing.assert_array_equal(np.asarray(dequantize_kernel(q)).T, reference, err_msg=name)
     ours = np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
     np.testing.assert_allclose(hf_logits(hf, IDS), ours, **tolerances.LOGITS_FP32)
+    # The generic entry point recognises the folder and loads the same codes.
+    _, generic, _ = from_pretrained(str(folder), load_tokenizer=False)
+    assert jax.tree_util.tree_structure(generic) == jax.tree_util.tree_structure(params)
+    for a, b in zip(jax.tree_util.tree_leaves(generic), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_qlora_loader_keeps_a_checkpoints_codes(root):

@@ -81,13 +81,19 @@ def from_pretrained(
     """Loads a Llama-family model: returns (model, params, tokenizer).
 
     `dtype` is the compute dtype (default float32), `param_dtype` the stored dtype of the weights
-    (default float32). The tokenizer is None when `load_tokenizer` is False.
+    (default float32). A bitsandbytes 4-bit folder loads with its NF4/FP4 codes as `qkernel` leaves. The tokenizer is None when `load_tokenizer` is False.
     """
     import jax.numpy as jnp
 
     dtype = dtype or jnp.float32
     param_dtype = param_dtype or jnp.float32
     folder = resolve_model_dir(name)
+    if "quantization_config" in json.loads((folder / "config.json").read_text()):
+        # A bitsandbytes 4-bit checkpoint: its codes load as they are (other quantizers are refused there).
+        from jaxpeft.convert.bnb import load_bnb_folder
+
+        return load_bnb_folder(folder, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                               load_tokenizer=load_tokenizer)
     config = load_config(folder)
     logging.info("loading %s weights from %s", config.model_type, folder)
     params = hf_to_params(read_hf_weights(folder, allow_pickle=allow_pickle), config, param_dtype)
