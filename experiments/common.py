@@ -78,14 +78,14 @@ def define_run_flags(default_steps: int = 200, default_lr: float = 2e-4) -> None
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
-def define_lora_flags() -> None:
+def define_lora_flags(default_targets: str = "q_proj,k_proj,v_proj,o_proj") -> None:
     """LoRA's flags (experiments.lora and experiments.qlora)."""
     from absl import flags
 
     flags.DEFINE_integer("rank", 16, "LoRA rank r.")
     flags.DEFINE_float("alpha", None, "LoRA alpha (default: 2 x rank).")
     flags.DEFINE_float("dropout", 0.0, "Dropout on the LoRA path.")
-    flags.DEFINE_string("targets", "q_proj,k_proj,v_proj,o_proj",
+    flags.DEFINE_string("targets", default_targets,
                         "Module-name suffixes (comma-separated), 'all-linear', or re:<regex>.")
     flags.DEFINE_bool("use_rslora", False, "Scale by alpha/sqrt(r) (rsLoRA).")
     flags.DEFINE_bool("use_dora", False, "Weight-decomposed LoRA (DoRA).")
