@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.core.targets import Targets, match_targets, name_matches, pattern_value
 from jaxpeft.core.tree import Path, dotted, flatten_params, unflatten_params
-from jaxpeft.models.ops import dense_kernel
+from jaxpeft.models.ops import dense_kernel, lora_delta
 from jaxpeft.methods.base import Method, register
 
 LORA_LEAVES = ("lora_a", "lora_b", "lora_scale", "lora_magnitude")
@@ -178,9 +178,7 @@ def _new_leaves(key: jax.Array, leaves: Mapping[str, Any], name: str, config: Lo
 
 def _delta(leaves: Mapping[str, Any]) -> jax.Array:
     """scale · A B in fp32, (I, O)."""
-    a = jnp.asarray(leaves["lora_a"], jnp.float32)
-    b = jnp.asarray(leaves["lora_b"], jnp.float32)
-    return (a @ b) * jnp.asarray(leaves["lora_scale"], jnp.float32)
+    return lora_delta(leaves, jnp.float32)
 
 
 def _merge_module(leaves: dict[str, Any]) -> dict[str, Any]:

@@ -74,11 +74,17 @@ def linear(
     return y
 
 
+def lora_delta(leaves: Mapping[str, Any], dtype: Any) -> jax.Array:
+    """The LoRA update of a module's kernel, scale · A B, as an (I, O) array of `dtype`."""
+    a_IxR = jnp.asarray(leaves["lora_a"]).astype(dtype)
+    b_RxO = jnp.asarray(leaves["lora_b"]).astype(dtype)
+    return (a_IxR @ b_RxO) * jnp.asarray(leaves["lora_scale"]).astype(dtype)
+
+
 def _dora(x, x_lora, y, lora, leaves, dtype, has_dropout):
     """DoRA as PEFT computes it: magnitude / ||W + s·BA|| (norm over inputs, no gradient) rescales the output."""
     w_IxO = dense_kernel(leaves, dtype)
-    scale = jnp.asarray(leaves["lora_scale"]).astype(dtype)
-    delta_IxO = (leaves["lora_a"].astype(dtype) @ leaves["lora_b"].astype(dtype)) * scale
+    delta_IxO = lora_delta(leaves, dtype)
     norm_O = jax.lax.stop_gradient(jnp.linalg.norm(w_IxO + jax.lax.stop_gradient(delta_IxO), axis=0))
     mag_scale_O = jnp.asarray(leaves["lora_magnitude"]).astype(dtype) / norm_O
     # With dropout PEFT recomputes the base term on the dropped input.
