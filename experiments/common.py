@@ -144,6 +144,29 @@ def print_results(results: dict, out: str) -> None:
         print(f"  sample: {s['prediction']!r}  (reference {s['reference']!r})")
 
 
+def method_main(method_name: str, config_from_flags, *, base_loader_from_flags=None, run_name: str | None = None):
+    """The `main` of a method's entry point: run `method_name` with the shared flags and its own config.
+
+    `config_from_flags()` builds the method's config from its own flags (raising `app.UsageError` on
+    bad ones); `base_loader_from_flags()` (optional) returns a `run_finetune` base loader; `run_name`
+    names the default run folder (default: the method's name).
+    """
+
+    def main(argv) -> None:
+        del argv
+        log_to_stderr()
+        from jaxpeft.methods import get_method
+        from jaxpeft.train.run import run_finetune
+
+        method_cfg = config_from_flags()
+        cfg = run_config_from_flags(run_name or method_name)
+        loader = base_loader_from_flags() if base_loader_from_flags else None
+        results = run_finetune(cfg, get_method(method_name), method_cfg, base_loader=loader)
+        print_results(results, cfg.out)
+
+    return main
+
+
 def run_app(main) -> None:
     """absl's app.run, with jaxpeft's own errors shown as one clear message instead of a traceback."""
     from absl import app

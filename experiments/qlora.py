@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from experiments.common import (define_lora_flags, define_run_flags, log_to_stderr, lora_config_from_flags,
-                                print_results, run_app, run_config_from_flags)
+from experiments.common import define_lora_flags, define_run_flags, lora_config_from_flags, method_main, run_app
 
 define_run_flags(default_steps=100, default_lr=1e-3)
 # The QLoRA recipe adapts every linear layer: on the 4-bit base, q,k,v,o alone reached 0.92 exact
@@ -27,19 +26,14 @@ _DOUBLE_QUANT = flags.DEFINE_bool("double_quant", True, "Quantize the block scal
 _BLOCKSIZE = flags.DEFINE_integer("blocksize", 64, "Weights per quantization block (32, 64, ..., 4096).")
 
 
-def main(argv) -> None:
-    del argv
-    log_to_stderr()
+def _base_loader():
     from jaxpeft.convert.bnb import Bnb4bitConfig, QuantizedBaseLoader
-    from jaxpeft.methods import get_method
-    from jaxpeft.train.run import run_finetune
 
-    quant = Bnb4bitConfig(quant_type=_QUANT_TYPE.value, double_quant=_DOUBLE_QUANT.value, blocksize=_BLOCKSIZE.value)
-    lora_cfg = lora_config_from_flags()
-    cfg = run_config_from_flags("qlora")
-    results = run_finetune(cfg, get_method("lora"), lora_cfg, base_loader=QuantizedBaseLoader(quant))
-    print_results(results, cfg.out)
+    return QuantizedBaseLoader(Bnb4bitConfig(quant_type=_QUANT_TYPE.value, double_quant=_DOUBLE_QUANT.value,
+                                             blocksize=_BLOCKSIZE.value))
 
+
+main = method_main("lora", lora_config_from_flags, base_loader_from_flags=_base_loader, run_name="qlora")
 
 if __name__ == "__main__":
     run_app(main)

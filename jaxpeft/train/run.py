@@ -130,6 +130,10 @@ def run_finetune(
     from jaxpeft.train.step import make_eval_step
 
     callbacks = dict(callbacks or {})
+    if cfg.save_merged and not method.mergeable:
+        raise ConfigError(f"--save_merged: {method.name} cannot be merged into the base weights (its adapter "
+                          "changes the computation, not the weights); drop --save_merged and use the adapter "
+                          f"folder {method.artifact_name}/ with the base model.")
     settings = {**dataclasses.asdict(cfg), "method": method.name, "method_config": _jsonable(method_config)}
     if base_loader is not None:
         settings["base_loader"] = dict(getattr(base_loader, "settings", {}))
