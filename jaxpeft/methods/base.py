@@ -30,6 +30,11 @@ class Method:
     peft_type: ClassVar[str | None] = None
     artifact_name: ClassVar[str] = "adapter"  # the run-folder entry the trained result is saved to
 
+    def prepare(self, config: Any, *, model_config: Any, tokenizer: Any = None) -> Any:
+        """Resolves and checks `config` against the model (and tokenizer) before `init`; returns the config
+        `init` receives. E.g. prompt tuning turns its init text into token ids here. Default: unchanged."""
+        return config
+
     def init(self, key: jax.Array, params: Mapping, config: Any) -> dict:
         raise NotImplementedError
 

@@ -162,6 +162,7 @@ def run_finetune(
     logging.info("data: %d train / %d eval records, %d truncated, longest %d tokens, batches %d x %d",
                  len(encoded), len(eval_encoded), stats.num_truncated, stats.max_len, cfg.batch_size, seq_len)
 
+    method_config = method.prepare(method_config, model_config=model.config, tokenizer=tokenizer)
     params = method.init(jax.random.PRNGKey(cfg.seed), params, method_config)
     counts = method.param_counts(params, method_config)
     logging.info("%s: %s trainable parameters (%.4f %% of the %s base parameters)", method.name,
