@@ -116,3 +116,34 @@ def test_merged_folder_equals_the_qlora_model(trained):
 
     merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"), attn_implementation="eager").eval()
     np.testing.assert_allclose(hf_logits(merged, ids), ours, **tolerances.LOGITS_FP32)
+
+
+def test_quantized_train_step_dequantizes_one_layer_at_a_time():
+    """XLA must not hoist (and share between forward and backward) every layer's dequantization: the
+    compiled step of a 4-bit base may hold at most about one layer's dense weights more than the
+    step of the dense base, whose weights are arguments (compiled memory analysis, no run)."""
+    from jaxpeft.core.partition import combine, split_trainable
+    from jaxpeft.models.config import LlamaConfig
+    from jaxpeft.models.llama import LlamaForCausalLM
+    from jaxpeft.train.step import token_nll_sum
+
+    layers, hidden, inter = 6, 256, 768
+    cfg = LlamaConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": hidden,
+                               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4,
+                               "num_key_value_heads": 4, "max_position_embeddings": 64, "rms_norm_eps": 1e-5})
+    model = LlamaForCausalLM(cfg)
+    ids = jnp.zeros((2, 16), jnp.int32)
+    dense = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids)["params"])
+    dense = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), dense)
+    batch = {"input_ids": ids, "loss_mask": jnp.ones_like(ids), "attention_mask": jnp.ones_like(ids)}
+    lora_cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+
+    def temp_bytes(params):
+        params = LORA.init(jax.random.PRNGKey(1), params, lora_cfg)
+        trainable, frozen = split_trainable(params, LORA.labels(params, lora_cfg))
+        loss = lambda t, f: token_nll_sum(model, combine(f, t), batch, 16)[0]  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(trainable, frozen).compile().memory_analysis().temp_size_in_bytes
+
+    layer_bytes = 4 * (4 * hidden * hidden + 3 * hidden * inter)
+    extra = temp_bytes(quantize_params(dense)) - temp_bytes(dense)
+    assert extra < 1.5 * layer_bytes, f"{extra / 1e6:.1f} MB more temporaries (one layer: {layer_bytes / 1e6:.1f} MB)"
