@@ -12,6 +12,7 @@ from jaxpeft import from_transformers
 from jaxpeft.core.tree import flatten_params
 from jaxpeft.methods import METHODS, get_method
 from jaxpeft.methods.full import FullConfig
+from jaxpeft.methods.ia3 import IA3Config
 from jaxpeft.methods.lora import LoraConfig
 from jaxpeft.train import optim
 from jaxpeft.train.loop import TrainConfig, Trainer
@@ -28,6 +29,8 @@ CONFIGS = {
                         alpha_pattern={"gate_proj": 3.0}, layers_to_transform=(0, 2),
                         modules_to_save=("lm_head",))],
     "full": [FullConfig()],
+    "ia3": [IA3Config(),
+            IA3Config(target_modules="all-linear", feedforward_modules=r".*\.(o_proj|down_proj)")],
 }
 CASES = [(name, i) for name in sorted(CONFIGS) for i in range(len(CONFIGS[name]))]
 

@@ -5,8 +5,10 @@ G = H // K query heads per kv head, E head dim, I in features, O out features, R
 
 `linear` is the single place a weight meets an activation. It reads a module's leaves (a dict):
 `kernel` (I, O) or a quantized kernel under `qkernel`; optional `bias` (O,); optional LoRA leaves
-`lora_a` (I, R), `lora_b` (R, O), `lora_scale` (), and the DoRA `lora_magnitude` (O,). Any other
-leaf is an error, so an adapter the op does not understand can never be silently ignored.
+`lora_a` (I, R), `lora_b` (R, O), `lora_scale` (), and the DoRA `lora_magnitude` (O,); optional IA3
+scales `ia3_in` (I,) (multiplies the input) and `ia3_out` (O,) (multiplies the output, bias included,
+as PEFT does). Any other leaf is an error, so an adapter the op does not understand can never be
+silently ignored.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ KERNEL_READERS: dict[str, Callable[[Any, Any], jax.Array]] = {}
 KERNEL_MATMULS: dict[str, Callable[[jax.Array, Any, Any], jax.Array]] = {}
 
 _LORA_KEYS = {"lora_a", "lora_b", "lora_scale", "lora_magnitude"}
+_IA3_KEYS = {"ia3_in", "ia3_out"}
 
 
 def dense_kernel(leaves: Mapping[str, Any], dtype: Any) -> jax.Array:
@@ -52,12 +55,14 @@ def linear(
     dtype: Any = jnp.float32,
     dropout: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
-    """y = x W (+ b), plus whatever adapter the leaves carry (LoRA, DoRA). `dropout` acts on the LoRA path."""
-    known = {"kernel", "bias", *KERNEL_READERS, *_LORA_KEYS}
+    """y = x W (+ b), plus whatever adapter the leaves carry (LoRA, DoRA, IA3). `dropout` acts on the LoRA path."""
+    known = {"kernel", "bias", *KERNEL_READERS, *_LORA_KEYS, *_IA3_KEYS}
     unknown = sorted(set(leaves) - known)
     if unknown:
         raise ValueError(f"linear got leaves it does not understand: {unknown} (known: {sorted(known)})")
     x = x_BxI.astype(dtype)
+    if "ia3_in" in leaves:  # PEFT: scale in the vector's dtype (fp32), then back to the compute dtype
+        x = (x * jnp.asarray(leaves["ia3_in"])).astype(dtype)
     y = _base_matmul(x, leaves, dtype)
     if "lora_a" in leaves:
         a_IxR = jnp.asarray(leaves["lora_a"]).astype(dtype)
@@ -71,6 +76,8 @@ def linear(
             y = y + lora
     if "bias" in leaves:
         y = y + jnp.asarray(leaves["bias"]).astype(dtype)
+    if "ia3_out" in leaves:
+        y = (y * jnp.asarray(leaves["ia3_out"])).astype(dtype)
     return y
 
 

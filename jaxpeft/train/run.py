@@ -131,6 +131,9 @@ def run_finetune(
 
     callbacks = dict(callbacks or {})
     if cfg.save_merged and not method.mergeable:
+        if method.artifact_name == "model":
+            raise ConfigError(f"--save_merged: {method.name} trains the weights themselves, so there is no "
+                              "adapter to merge; the trained model is written to model/ anyway. Drop --save_merged.")
         raise ConfigError(f"--save_merged: {method.name} cannot be merged into the base weights (its adapter "
                           "changes the computation, not the weights); drop --save_merged and use the adapter "
                           f"folder {method.artifact_name}/ with the base model.")
