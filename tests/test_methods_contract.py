@@ -11,6 +11,7 @@ import pytest
 from jaxpeft import from_transformers
 from jaxpeft.core.tree import flatten_params
 from jaxpeft.methods import METHODS, get_method
+from jaxpeft.methods.bottleneck import AdaptersConfig
 from jaxpeft.methods.full import FullConfig
 from jaxpeft.methods.ia3 import IA3Config
 from jaxpeft.methods.lora import LoraConfig
@@ -29,6 +30,9 @@ CONFIGS = {
                         alpha_pattern={"gate_proj": 3.0}, layers_to_transform=(0, 2),
                         modules_to_save=("lm_head",))],
     "full": [FullConfig()],
+    "adapters": [AdaptersConfig(reduction_factor=8),
+                 AdaptersConfig(adapter_type="pfeiffer", reduction_factor=4, activation="gelu_new", scaling=0.5,
+                                leave_out=(1,), original_ln_before=False)],
     "ia3": [IA3Config(),
             IA3Config(target_modules="all-linear", feedforward_modules=r".*\.(o_proj|down_proj)")],
 }

@@ -142,11 +142,24 @@ class DecoderLayer(nn.Module):
     def __call__(self, h_BxSxD, cos, sin, allowed_BxSxT, layer_cache):
         c = self.config
         args = (self.dtype, self.param_dtype, self.dropout_rate, self.deterministic)
+        params = self.variables.get("params", {})
+
+        def residual_add(location, residual_BxSxD, out_BxSxD):
+            # A bottleneck adapter (methods/bottleneck.py) at this sublayer's end, when the params hold one.
+            if location not in params:
+                return residual_BxSxD + out_BxSxD
+            from jaxpeft.methods.bottleneck import apply_bottleneck
+
+            dropout = None
+            if self.dropout_rate > 0 and not self.deterministic:
+                dropout = lambda v: nn.Dropout(self.dropout_rate)(v, deterministic=False)  # noqa: E731
+            return apply_bottleneck(out_BxSxD, residual_BxSxD, params[location], dtype=self.dtype, dropout=dropout)
+
         x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(h_BxSxD)
         attn, new_cache = Attention(c, *args, name="self_attn")(x, cos, sin, allowed_BxSxT, layer_cache)
-        h = h_BxSxD + attn
+        h = residual_add("attention_adapter", h_BxSxD, attn)
         x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(h)
-        return h + MLP(c, *args, name="mlp")(x), new_cache
+        return residual_add("output_adapter", h, MLP(c, *args, name="mlp")(x)), new_cache
 
 
 class LlamaModel(nn.Module):
