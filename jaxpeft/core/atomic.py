@@ -10,6 +10,21 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_shareable(root: Path) -> None:
+    """Gives files the permissions a plain `open` would (0666 & ~umask): mkstemp and some writers
+    (safetensors) create them private, but saved models and adapters are ordinary shared data."""
+    mode = 0o666 & ~_umask()
+    paths = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+    for p in paths:
+        os.chmod(p, mode)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields a temporary sibling folder; on success it is renamed to `final`.
@@ -25,6 +40,7 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; saved models and adapters are ordinary shared data
     try:
         yield tmp
+        _make_shareable(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
@@ -48,6 +64,7 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _make_shareable(Path(tmp))
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
