@@ -181,6 +181,90 @@ def _score_dates(prediction: str, reference: str) -> dict[str, float]:
     return scores
 
 
+# ----------------------------------------------------------------------------------------------
+# Time normalisation: a second task (e.g. for merging two adapters trained on different tasks).
+# "seven past three in the afternoon", "3.07pm", "1507 hours", ... -> "15:07". One minute of the day
+# in `_EVAL_BUCKETS` is held out (a fixed hash, as for dates); training records are distinct
+# (minute, style) pairs, eval records distinct minutes.
+
+TIME_INSTRUCTION = "Rewrite this time of day in 24-hour format (HH:MM)."
+_SMALL = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+          "seventeen eighteen nineteen").split()
+_TENS = {2: "twenty", 3: "thirty", 4: "forty", 5: "fifty"}
+
+
+def _word(n: int) -> str:
+    """English words for 0..59."""
+    tens, units = divmod(n, 10)
+    return _SMALL[n] if n < 20 else _TENS[tens] + (f"-{_SMALL[units]}" if units else "")
+
+
+def _h12(t: datetime.time) -> int:
+    return t.hour % 12 or 12
+
+
+def _ampm(t: datetime.time) -> str:
+    return "am" if t.hour < 12 else "pm"
+
+
+def _period(t: datetime.time) -> str:
+    return "in the morning" if t.hour < 12 else "in the afternoon" if t.hour < 18 else "in the evening"
+
+
+def _past(t: datetime.time, hour: str, minute: str) -> str:
+    return f"{hour} o'clock {_period(t)}" if t.minute == 0 else f"{minute} past {hour} {_period(t)}"
+
+
+def _quarter_or_clock(t: datetime.time) -> str:
+    name = {15: "quarter", 30: "half"}.get(t.minute)
+    return f"{name} past {_h12(t)} {_period(t)}" if name else f"{_h12(t)}:{t.minute:02d} {_period(t)}"
+
+
+# Each style renders a time unambiguously (am/pm or the part of the day, or a 24-hour clock).
+_TIME_STYLES: tuple[Callable[[datetime.time], str], ...] = (
+    lambda t: f"{_h12(t)}:{t.minute:02d} {_ampm(t)}",
+    lambda t: f"{_h12(t)}:{t.minute:02d} {_ampm(t)[0].upper()}.M.",
+    lambda t: f"{_h12(t)}.{t.minute:02d}{_ampm(t)}",
+    lambda t: _past(t, _word(_h12(t)), _word(t.minute)),
+    lambda t: _past(t, str(_h12(t)), f"{t.minute} minute{'s' if t.minute > 1 else ''}"),
+    lambda t: f"{_word(_h12(t))} " + ("o'clock" if t.minute == 0 else
+                                      _word(t.minute) if t.minute >= 10 else f"oh {_word(t.minute)}") + f" {_ampm(t)}",
+    lambda t: f"{t.hour:02d}{t.minute:02d} hours",
+    lambda t: f"{t.hour}h{t.minute:02d}",
+    _quarter_or_clock,
+)
+
+
+def time_split_of(t: datetime.time) -> str:
+    """The pool ("train" or "eval") a minute of the day belongs to, fixed for every seed."""
+    digest = hashlib.blake2b(t.strftime("%H:%M").encode(), digest_size=8).digest()
+    return "eval" if int.from_bytes(digest, "little") % _EVAL_BUCKETS == 0 else "train"
+
+
+def render_time(t: datetime.time, style: int) -> str:
+    """Writes `t` in input style number `style` (0 <= style < number of time styles)."""
+    return _TIME_STYLES[style](t)
+
+
+def _make_times_split(split: str, n: int, seed: int) -> list[Record]:
+    if split not in ("train", "eval"):
+        raise ConfigError(f"Task 'times' has splits 'train' and 'eval'; got split={split!r}.")
+    minutes = [datetime.time(m // 60, m % 60) for m in range(24 * 60)]
+    pool = [t for t in minutes if time_split_of(t) == split]
+    rng = random.Random(f"times:{split}:{seed}")
+    if split == "train":  # distinct (minute, style) pairs, so training sees each minute in several styles
+        pairs = [(t, s) for t in pool for s in range(len(_TIME_STYLES))]
+    else:  # distinct minutes, one style each
+        style_rng = random.Random(f"times:{split}:{seed}:styles")
+        pairs = [(t, style_rng.randrange(len(_TIME_STYLES))) for t in pool]
+    if not 0 <= n <= len(pairs):
+        raise ConfigError(f"Task 'times' has {len(pairs)} distinct {split} records; asked for n={n}. "
+                          f"Ask for 0 to {len(pairs)} records.")
+    rng.shuffle(pairs)
+    return [{"instruction": TIME_INSTRUCTION, "input": render_time(t, s), "output": t.strftime("%H:%M")}
+            for t, s in pairs[:n]]
+
+
 TASKS: dict[str, TaskSpec] = {
     "dates": TaskSpec(
         name="dates",
@@ -190,6 +274,17 @@ TASKS: dict[str, TaskSpec] = {
         ),
         make_split=_make_dates_split,
         score=_score_dates,
+    ),
+    "times": TaskSpec(
+        name="times",
+        description=(
+            f"Time normalisation: rewrite a time of day written in one of {len(_TIME_STYLES)} human styles "
+            "in 24-hour HH:MM."
+        ),
+        make_split=_make_times_split,
+        score=_score_dates,  # exact/normalized match, char similarity, first-line match: nothing date-specific
+        n_eval=150,
+        max_new_tokens=12,
     ),
 }
 
