@@ -1,0 +1,89 @@
+"""Model shapes for the memory planner: the Llama-2 presets, HF `config.json` folders, and the article's table.
+
+A plan needs shapes only, so a model is a `LlamaConfig` (no weights are read). The presets are the
+published Llama-2 configurations (vocab 32000, untied embeddings, SwiGLU; 70B uses grouped-query
+attention with 8 kv heads and intermediate size 28672).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+from jaxpeft.core.errors import CheckpointError, ConfigError
+from jaxpeft.models.config import LlamaConfig
+
+
+def _llama2(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       head_dim=hidden // heads, max_position_embeddings=4096)
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "llama-7b": _llama2(4096, 11008, 32, 32, 32),
+    "llama-13b": _llama2(5120, 13824, 40, 40, 40),
+    "llama-70b": _llama2(8192, 28672, 80, 64, 8),
+}
+
+# The seed article's memory table (REFERENCE.md), in GB; None where the article gives no figure.
+ARTICLE_GB: dict[str, dict[str, float | None]] = {
+    "llama-7b": {"full": 56.0, "lora": 16.0, "qlora": 6.0},
+    "llama-13b": {"full": 104.0, "lora": None, "qlora": None},
+    "llama-70b": {"full": 560.0, "lora": 160.0, "qlora": 48.0},
+}
+
+
+_REQUIRED = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+
+
+class LinearShape(NamedTuple):
+    """One linear module: its dotted HF name, in and out features, and whether it has a bias."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+def layer_linears(config: LlamaConfig, layer: int) -> list[LinearShape]:
+    """The seven linear modules of decoder layer `layer`, named as in the parameter tree."""
+    c, p = config, f"model.layers.{layer}"
+    d, q, kv, i = c.hidden_size, c.q_dim, c.kv_dim, c.intermediate_size
+    return [
+        LinearShape(f"{p}.self_attn.q_proj", d, q, c.attention_bias),
+        LinearShape(f"{p}.self_attn.k_proj", d, kv, c.attention_bias),
+        LinearShape(f"{p}.self_attn.v_proj", d, kv, c.attention_bias),
+        LinearShape(f"{p}.self_attn.o_proj", q, d, c.o_proj_bias),
+        LinearShape(f"{p}.mlp.gate_proj", d, i, False),
+        LinearShape(f"{p}.mlp.up_proj", d, i, False),
+        LinearShape(f"{p}.mlp.down_proj", i, d, False),
+    ]
+
+
+def resolve_model(name: str) -> tuple[str, LlamaConfig]:
+    """(label, config) for a preset name or an HF folder / config.json path; reads no weights."""
+    if name in PRESETS:
+        return name, PRESETS[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"--model={name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing HF model folder "
+            "or config.json file. Pass one of the presets, or the path of a folder that holds config.json.")
+    try:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); pass the config.json of a Hugging Face model.") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not a config object; pass a model's "
+                              "config.json.")
+    hf = {k: v for k, v in hf.items() if k != "quantization_config"}  # a plan chooses its own quantization
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise ConfigError(f"{path} lacks {missing}, which a memory plan needs; pass the config.json of a "
+                          "Llama-family Hugging Face model.")
+    return str(path.parent), LlamaConfig.from_hf(hf)
