@@ -15,6 +15,8 @@ from jaxpeft.methods.bottleneck import AdaptersConfig
 from jaxpeft.methods.full import FullConfig
 from jaxpeft.methods.ia3 import IA3Config
 from jaxpeft.methods.lora import LoraConfig
+from jaxpeft.methods.prefix import PrefixConfig
+from jaxpeft.methods.prompt import PromptConfig
 from jaxpeft.train import optim
 from jaxpeft.train.loop import TrainConfig, Trainer
 from tests import tolerances
@@ -35,6 +37,11 @@ CONFIGS = {
                                 leave_out=(1,), original_ln_before=False)],
     "ia3": [IA3Config(),
             IA3Config(target_modules="all-linear", feedforward_modules=r".*\.(o_proj|down_proj)")],
+    "prefix": [PrefixConfig(num_virtual_tokens=3),
+               PrefixConfig(num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=7)],
+    "prompt": [PromptConfig(num_virtual_tokens=3),
+               PromptConfig(num_virtual_tokens=5, init="vocab"),
+               PromptConfig(num_virtual_tokens=4, init="text", init_ids=(7, 11, 13))],
 }
 CASES = [(name, i) for name in sorted(CONFIGS) for i in range(len(CONFIGS[name]))]
 

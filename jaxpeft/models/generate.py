@@ -14,8 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.models.llama import init_cache
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
@@ -55,7 +53,8 @@ def select_token(logits_BxV: jax.Array, key: jax.Array, sampling: SamplingConfig
 def _decode_fn(model: Any, max_new_tokens: int, sampling: SamplingConfig, cache_dtype: Any):
     def run(params, ids_BxP, mask_BxP, stop_ids, key):
         b, p = ids_BxP.shape
-        cache = init_cache(model.config, b, p + max_new_tokens, cache_dtype)
+        # new_cache puts an adapter's virtual tokens (prompt/prefix tuning) in front of the prompt's slots.
+        cache = model.apply({"params": params}, b, p + max_new_tokens, cache_dtype, method="new_cache")
         logits, cache = model.apply({"params": params}, ids_BxP, attention_mask_BxS=mask_BxP, cache=cache)
         key, sub = jax.random.split(key)
         first = select_token(logits[:, -1], sub, sampling)
