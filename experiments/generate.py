@@ -1,4 +1,4 @@
-"""Generate text with a jaxpeft model (optionally with a PEFT adapter).
+"""Generate text with a jaxpeft model (optionally with an adapter: PEFT LoRA/IA3/prefix/prompt, AdapterHub).
 
     python -m experiments.generate --prompt="Name three prime numbers." [--model=PATH] [--adapter=DIR]
         [--max_new_tokens=N] [--greedy | --temperature=0.7 --top_k=50 --top_p=0.9 --seed=0] [--nochat]
@@ -16,7 +16,7 @@ from experiments.common import encode_prompt, log_to_stderr, run_app
 
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.", required=True)
 _MODEL = flags.DEFINE_string("model", None, "HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct).")
-_ADAPTER = flags.DEFINE_string("adapter", None, "A PEFT adapter folder (ours or PEFT's) to apply.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "An adapter folder to apply: PEFT (LoRA, IA3, prefix, prompt; ours or PEFT's) or AdapterHub.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Maximum number of new tokens.")
 _GREEDY = flags.DEFINE_bool("greedy", False, "Greedy decoding (the default unless --temperature is given).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature; setting it turns on sampling.")
@@ -39,15 +39,14 @@ def main(argv) -> None:
                               top_p=_TOP_P.value)
     model, params, tokenizer = jaxpeft.from_pretrained(_MODEL.value)
     if _ADAPTER.value:
-        from jaxpeft.convert.peft_io import load_peft_adapter
+        from jaxpeft.methods.base import load_adapter
 
-        model, params, _ = load_peft_adapter(_ADAPTER.value, model, params)
+        _, model, params, _ = load_adapter(_ADAPTER.value, model, params)
     ids = encode_prompt(tokenizer, _PROMPT.value, chat=_CHAT.value)
     out = generate(model, params, [ids], max_new_tokens=_MAX_NEW.value, sampling=sampling,
                    stop_ids=stop_ids_for(tokenizer, model.config), pad_id=tokenizer.pad_token_id or 0,
                    seed=_SEED.value)[0]
     sys.stdout.write(tokenizer.decode(out, skip_special_tokens=True) + "\n")
-
 
 
 if __name__ == "__main__":

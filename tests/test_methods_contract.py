@@ -10,7 +10,9 @@ import pytest
 
 from jaxpeft import from_transformers
 from jaxpeft.core.tree import flatten_params
+from jaxpeft.core.errors import CheckpointError, ConfigError
 from jaxpeft.methods import METHODS, get_method
+from jaxpeft.methods.base import load_adapter
 from jaxpeft.methods.bottleneck import AdaptersConfig
 from jaxpeft.methods.full import FullConfig
 from jaxpeft.methods.ia3 import IA3Config
@@ -152,8 +154,21 @@ def test_adapter_only_save_and_load(base, name, i, tmp_path):
     model, params = base
     method, cfg, _, trained = _trained(base, name, i)
     method.save(tmp_path / "a", trained, cfg, model_config=model.config, base_model_name_or_path="tiny")
-    _, loaded, _ = method.load(tmp_path / "a", model, params)
+    if method.artifact_name == "adapter":  # any adapter folder is recognised and read by the generic loader
+        found, _, loaded, _ = load_adapter(tmp_path / "a", model, params)
+        assert found is method
+    else:
+        _, loaded, _ = method.load(tmp_path / "a", model, params)
     chex.assert_trees_all_close(_logits(model, loaded), _logits(model, trained), **tolerances.LOGITS_FP32)
+
+
+def test_a_folder_that_is_no_adapter_is_a_clear_error(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(CheckpointError, match="no adapter_config.json"):
+        load_adapter(tmp_path / "x", None, {})
+    (tmp_path / "x" / "adapter_config.json").write_text('{"peft_type": "LOHA"}')
+    with pytest.raises(ConfigError, match="LOHA"):
+        load_adapter(tmp_path / "x", None, {})
 
 
 def test_merged_lora_exports_to_transformers_with_the_adapted_logits(base, tmp_path):
