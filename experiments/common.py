@@ -76,6 +76,9 @@ def define_run_flags(default_steps: int = 200, default_lr: float = 2e-4) -> None
     flags.DEFINE_bool("save_merged", False, "Also write merged/: the base with the adapter merged in (HF folder).")
     flags.DEFINE_enum("merged_dtype", "float32", ["float32", "bfloat16", "float16"], "dtype of merged/.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,fsdp:2,tensor:2 (default: every device on data; "
+                        "an axis left out is 1, data takes the rest). See launch/README.md.")
+    flags.DEFINE_enum("parallel", "jit", ["jit", "pmap"], "jit: sharded over --mesh; pmap: data parallelism.")
 
 
 def define_lora_flags(default_targets: str = "q_proj,k_proj,v_proj,o_proj") -> None:
@@ -129,7 +132,8 @@ def run_config_from_flags(method_name: str):
                      max_grad_norm=f.max_grad_norm, dtype=f.dtype, remat=f.remat, seed=f.seed,
                      eval_every=f.eval_every, eval_examples=f.eval_examples, save_every=f.save_every,
                      keep_checkpoints=f.keep_checkpoints, resume=f.resume, overwrite=f.overwrite,
-                     save_merged=f.save_merged, merged_dtype=f.merged_dtype, progress=f.progress)
+                     save_merged=f.save_merged, merged_dtype=f.merged_dtype, progress=f.progress,
+                     mesh=f.mesh, parallel=f.parallel)
 
 
 def print_results(results: dict, out: str) -> None:

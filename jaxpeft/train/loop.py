@@ -40,22 +40,47 @@ class Trainer:
     """Holds the frozen base, the train state, and the jitted step."""
 
     def __init__(self, model: Any, params: Mapping, labels: Mapping, *, optim_cfg: optim.OptimConfig,
-                 train_cfg: TrainConfig, max_targets: int, train_model: Any | None = None) -> None:
+                 train_cfg: TrainConfig, max_targets: int, train_model: Any | None = None,
+                 parallel: Any | None = None) -> None:
+        """`parallel`: a `sharding.ParallelConfig` (a mesh, or pmap); None runs on the default device."""
         self.model, self.cfg = model, train_cfg
         trainable, self.frozen = split_trainable(params, labels)
         self.tx = optim.adamw(optim_cfg)
         self.schedule = optim.schedule(optim_cfg)
-        self.state = step_lib.init_state(trainable, self.tx, train_cfg.seed)
-        self._step = step_lib.make_train_step(model, self.tx, max_targets=max_targets, train_model=train_model)
+        self._runner = None
+        if parallel is None:
+            self.state = step_lib.init_state(trainable, self.tx, train_cfg.seed)
+            self._step = step_lib.make_train_step(model, self.tx, max_targets=max_targets, train_model=train_model)
+        else:
+            from jaxpeft.train import sharding
+
+            fn = lambda axis: step_lib.train_step_fn(model, self.tx, max_targets=max_targets,  # noqa: E731
+                                                      train_model=train_model, axis_name=axis)
+            self._runner = sharding.make_runner(
+                parallel, model_config=getattr(model, "config", None),
+                micro_rows=train_cfg.batch_size // train_cfg.grad_accum, step_fn=fn(None),
+                pmap_step_fn=fn(sharding.PmapRunner.AXIS), tx=self.tx, trainable=trainable, frozen=self.frozen,
+                seed=train_cfg.seed)
+            self.frozen, self._state, self._step = self._runner.frozen, self._runner.initial_state, self._runner.step
         self.max_targets = max_targets
 
     @property
+    def state(self) -> dict:
+        """The train state; under pmap, one device's copy (the form checkpoints hold)."""
+        return self._state if self._runner is None else self._runner.export_state(self._state)
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self._state = value if self._runner is None else self._runner.import_state(value)
+
+    @property
     def step(self) -> int:
-        return int(self.state["step"])
+        return int(np.asarray(self._state["step"]).reshape(-1)[0])
 
     def params(self) -> dict:
         """The full parameter tree (frozen base + current trainable leaves)."""
-        return combine(self.frozen, self.state["params"])
+        frozen = self.frozen if self._runner is None else self._runner.export_frozen(self.frozen)
+        return combine(frozen, self.state["params"])
 
     def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
         a = self.cfg.grad_accum
@@ -63,7 +88,7 @@ class Trainer:
         targets = micro["loss_mask"][:, :, 1:].reshape(a, -1).sum(axis=1).max()
         if targets > self.max_targets:
             raise ValueError(f"a micro-batch has {targets} target tokens but max_targets is {self.max_targets}")
-        self.state, metrics = self._step(self.state, self.frozen, micro)
+        self._state, metrics = self._step(self._state, self.frozen, micro)
         return {k: float(v) for k, v in metrics.items()}
 
     def fit(

@@ -61,6 +61,8 @@ class RunConfig:
     save_merged: bool = False
     merged_dtype: str = "float32"
     progress: bool = True
+    mesh: str | None = None  # "data:2,fsdp:2,tensor:2"; None: every device on data (train/sharding.py)
+    parallel: str = "jit"  # "jit" (the mesh) or "pmap"
 
 
 def library_versions() -> dict[str, str]:
@@ -180,8 +182,11 @@ def run_finetune(
     train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
                             eval_every=cfg.eval_every, save_every=cfg.save_every)
     train_model = model.clone(deterministic=False, **method.model_kwargs(method_config))
+    from jaxpeft.train.sharding import resolve_parallel
+
     trainer = Trainer(model, params, method.labels(params, method_config), optim_cfg=optim_cfg,
-                      train_cfg=train_cfg, max_targets=max_targets, train_model=train_model)
+                      train_cfg=train_cfg, max_targets=max_targets, train_model=train_model,
+                      parallel=resolve_parallel(cfg.mesh, cfg.parallel))
     eval_rows = max(1, min(32, len(eval_encoded)))
     eval_step = make_eval_step(model, max_targets=micro_batch_targets(eval_encoded, eval_rows, seq_len, False))
     eval_prompts = data_lib.eval_prompts(tokenizer, eval_records)

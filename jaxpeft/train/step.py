@@ -58,6 +58,22 @@ def make_train_step(
     `state` = {"params": trainable leaves, "opt_state", "step", "rng"}; gradients are taken with respect to
     the trainable leaves only. `train_model` (e.g. with dropout on) defaults to `model`.
     """
+    return jax.jit(train_step_fn(model, tx, max_targets=max_targets, train_model=train_model), donate_argnums=(0,))
+
+
+def train_step_fn(
+    model: Any,
+    tx: optax.GradientTransformation,
+    *,
+    max_targets: int,
+    train_model: Any | None = None,
+    axis_name: str | None = None,
+) -> Callable:
+    """The unjitted step of `make_train_step` (train/sharding.py jits it with shardings, or pmaps it).
+
+    With `axis_name` (pmap) the target count, loss and gradients are summed over that axis, so every
+    device computes the step of the whole batch; dropout keys are folded with the device index.
+    """
     train_model = train_model or model
 
     def loss_fn(trainable, frozen, micro, key, n_total):
@@ -67,7 +83,11 @@ def make_train_step(
 
     def step(state, frozen, batch):
         rng, step_key = jax.random.split(state["rng"])
-        n_total = jnp.maximum(jnp.sum(batch["loss_mask"][:, :, 1:] > 0), 1).astype(jnp.float32)
+        n_total = jnp.sum(batch["loss_mask"][:, :, 1:] > 0)
+        if axis_name is not None:
+            n_total = jax.lax.psum(n_total, axis_name)
+            step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
+        n_total = jnp.maximum(n_total, 1).astype(jnp.float32)
         accum = batch["input_ids"].shape[0]
         keys = jax.random.split(step_key, accum)
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
@@ -79,6 +99,8 @@ def make_train_step(
             return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l), None
 
         (grads, loss), _ = jax.lax.scan(micro_step, (zeros, jnp.float32(0.0)), (batch, keys))
+        if axis_name is not None:
+            grads, loss = jax.lax.psum((grads, loss), axis_name)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
@@ -89,7 +111,7 @@ def make_train_step(
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": n_total,
                            "finite": finite.astype(jnp.float32)}
 
-    return jax.jit(step, donate_argnums=(0,))
+    return step
 
 
 def make_eval_step(model: Any, *, max_targets: int) -> Callable:
