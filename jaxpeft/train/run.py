@@ -127,7 +127,7 @@ def run_finetune(
     from jaxpeft.train import optim, tasks
     from jaxpeft.train.checkpoint import Checkpointer
     from jaxpeft.train.evaluate import eval_loss, generation_eval
-    from jaxpeft.train.loop import TrainConfig, Trainer, micro_batch_targets
+    from jaxpeft.train.loop import TrainConfig, Trainer, micro_batch_targets, release_freed_memory
     from jaxpeft.train.metrics import MetricsWriter, plot_losses
     from jaxpeft.train.step import make_eval_step
 
@@ -149,6 +149,7 @@ def run_finetune(
         base_info: dict[str, Any] = {}
     else:
         model, params, tokenizer, base_info = base_loader(cfg.model, dtype=dtype, remat=cfg.remat)
+    release_freed_memory()  # e.g. the fp32 weights a quantizing loader dropped
 
     # Data: the builtin task carries its own held-out split and scorer; files get a held-out fraction.
     task = tasks.get_task(cfg.dataset.split(":", 1)[1]) if cfg.dataset.startswith("builtin:") else None
