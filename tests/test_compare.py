@@ -60,11 +60,9 @@ def test_run_child_reads_the_childs_own_peak_memory(tmp_path):
                               log_path=tmp_path / "small.log")
     assert big.returncode == 0 and small.returncode == 3
     assert big.peak_rss_bytes >= 300 * 2**20
-    # Not the earlier child's peak. (A child's ru_maxrss starts from its parent's at the fork, here the
-    # pytest process's; experiments.compare spawns its runs from a lean process, so theirs are their own.)
-    assert small.peak_rss_bytes < big.peak_rss_bytes - 100 * 2**20
-    # A child that allocates nothing reads as the launcher's peak (what it was forked from), no more.
-    assert 0 < small.launcher_peak_rss_bytes and small.peak_rss_bytes <= small.launcher_peak_rss_bytes + 60 * 2**20
+    # Its own peak, not the earlier child's nor the launcher's (this pytest process holds ~1 GB by now).
+    assert small.peak_rss_bytes < 100 * 2**20 < big.peak_rss_bytes
+    assert small.launcher_peak_rss_bytes > 0
     assert (tmp_path / "small.log").read_text().strip() == "hi"
 
 
