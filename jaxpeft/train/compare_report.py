@@ -127,7 +127,6 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             [[k, f"{t['lr']:g}", _num(t["eval_exact_match"], ".2f"), _num(t["eval_loss"], ".3f")]
              for k, tried in sweeps.items() for t in tried]), ""]
     g = gen.get("settings", {})
-    launcher = max((r.get("launcher_peak_rss_bytes", 0) for r in summary["methods"].values()), default=0)
     parts += [
         "## How each column was measured",
         "",
@@ -135,10 +134,9 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         "model's parameters (a 4-bit weight counts as one parameter).",
         "- **adapter size**: bytes of the weight files the run saved (adapter/ for PEFT methods, model/ "
         "for full fine-tuning: the whole model in fp32); the json also has the whole folder's bytes.",
-        "- **peak RSS**: the training process's own peak resident memory (`os.wait4` on the child), which "
-        "covers loading, XLA compilation, training and the before/after evaluation. (Linux folds the "
-        f"spawning process's peak into a child's ru_maxrss; the launcher stayed at {_bytes(launcher)}, so a figure "
-        "above that is the run's own.)",
+        "- **peak RSS**: the training process's own peak resident memory (ru_maxrss from `os.wait4`, the "
+        "run forked from a ~10 MB wrapper so that no parent's address space is counted), which covers "
+        "loading, XLA compilation, training and the before/after evaluation.",
         "- **train tok/s**: median over training steps 2..N of (real, non-padding tokens in the step's "
         "batch) / (step time), from metrics.jsonl; step 1 is left out (it includes compilation).",
         f"- **gen vs base**: greedy generation tokens/s with the adapter active divided by the base model's, "
