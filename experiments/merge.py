@@ -25,8 +25,21 @@ TIES there trims and elects signs on A and B apart, while the product is what ma
 default because "merge these adapters with these weights" means the weighted sum of their effects;
 peft stays available to reproduce a PEFT merge bit for bit (up to fp32 rounding and DARE's draw).
 
-Measured demonstration (two SmolLM2 LoRA adapters on two tasks, each task's held-out exact match
-before and after merging with TIES and linear): `python -m experiments.merge_demo`, see its docstring.
+Measured demonstration: `python -m experiments.merge_demo --out=/tmp/runs/merge_demo` (tree at cf3e49f;
+SmolLM2-135M-Instruct, two LoRA adapters, rank 16 on q,k,v,o, 100 steps each, one on builtin:dates and
+one on builtin:times; merged with semantics exact, TIES density 0.5 and linear, weights 1,1; held-out
+exact match on 100 examples per task):
+
+    model                                    dates   times
+    base                                     0.01    0.00
+    dates adapter                            0.98    0.04
+    times adapter                            0.02    0.69
+    ties merge                               0.84    0.53
+    linear merge                             0.90    0.40
+    both served in one batch (per-row)       0.98    0.69
+
+One merged adapter keeps most of both skills (TIES keeps more of the weaker times adapter, linear more
+of dates); serving the two adapters side by side in one batch loses nothing.
 stdout holds the summary only; logs go to stderr.
 """
 
