@@ -1,6 +1,6 @@
 """Memory of one LoRA / QLoRA train step on SmolLM2-135M: XLA's compiled plan and the process peak.
 
-    python -m bench.step_memory --method=qlora --targets=all-linear [--batch_size=8 --seq_len=64]
+    python -m bench.step_memory --method=qlora --targets=all-linear [--batch_size=8 --seq_len=64 --remat]
 
 Prints the compiled step's memory analysis (arguments = frozen base + state + batch, temporaries,
 outputs) and the process RSS: after loading, after compiling, and the peak while running --steps steps
@@ -19,6 +19,7 @@ _TARGETS = flags.DEFINE_string("targets", "all-linear", "LoRA targets: all-linea
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per step.")
 _SEQ = flags.DEFINE_integer("seq_len", 64, "Tokens per row.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Steps to run after compiling.")
+_REMAT = flags.DEFINE_bool("remat", False, "Recompute each layer in the backward pass.")
 
 
 def _rss_mb() -> dict[str, float]:
@@ -51,9 +52,10 @@ def main(argv) -> None:
     if _METHOD.value == "qlora":
         from jaxpeft.convert.bnb import Bnb4bitConfig, QuantizedBaseLoader
 
-        model, params, _, _ = QuantizedBaseLoader(Bnb4bitConfig())(None, dtype=jnp.float32, load_tokenizer=False)
+        model, params, _, _ = QuantizedBaseLoader(Bnb4bitConfig())(None, dtype=jnp.float32, remat=_REMAT.value,
+                                                                  load_tokenizer=False)
     else:
-        model, params, _ = jaxpeft.from_pretrained(None, dtype=jnp.float32, load_tokenizer=False)
+        model, params, _ = jaxpeft.from_pretrained(None, dtype=jnp.float32, remat=_REMAT.value, load_tokenizer=False)
     targets = _TARGETS.value if _TARGETS.value == "all-linear" else tuple(_TARGETS.value.split(","))
     lora, cfg = get_method("lora"), LoraConfig(r=16, lora_alpha=32, target_modules=targets)
     params = lora.init(jax.random.PRNGKey(0), params, cfg)

@@ -10,7 +10,7 @@ bundled date task, for --steps steps at --batch_size (defaults: the main job's 1
 evaluation on --eval_examples examples before and after. Then one process times greedy generation of
 the base, each adapter, and each merged model on the same prompts.
 
-Learning rates: ONE per method, the entry point's default (full 5e-5, LoRA 1e-3, QLoRA 1e-3, adapters
+Learning rates: ONE per method, the entry point's default (full 5e-5, LoRA 1e-3, QLoRA 2e-3, adapters
 1e-3, prefix 1e-2, prompt 3e-2, IA3 1e-2), because a sweep of every method does not fit the 60-minute
 budget on this CPU. --sweep also runs 3x each default and keeps the better run by held-out exact match
 (about twice the time); --lrs=lora:1e-3/3e-3,full:1e-4 sets a method's grid by hand.

@@ -4,29 +4,16 @@ folder that transformers loads with the trained weights; --save_merged is refuse
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import chex
 import numpy as np
 import pytest
 
+from tests.cli import run_module as _run
 from tests import tolerances
 from tests.hf_tiny import hf_logits, tiny_model_folder
 
 pytest.importorskip("torch")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(*args, check=True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,7 @@ import copy
 import dataclasses
 import json
 import logging
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import chex
 import jax
@@ -25,6 +21,7 @@ from jaxpeft.core.tree import flatten_params, unflatten_params
 from jaxpeft.methods import get_method
 from jaxpeft.methods.ia3 import IA3Config
 from jaxpeft.models import ops
+from tests.cli import run_module as _run
 from tests import tolerances
 from tests.hf_tiny import (
     VOCAB,
@@ -39,7 +36,6 @@ peft = pytest.importorskip("peft")
 
 IA3 = get_method("ia3")
 IDS = np.random.default_rng(0).integers(0, VOCAB, (2, 11))
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -275,15 +271,6 @@ def test_save_refuses_leaves_that_disagree_with_the_config(base, tmp_path):
 
 
 # --- the entry point ---------------------------------------------------------------------------------
-
-
-def _run(*args, check=True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def test_ia3_cli_adapter_loads_in_peft_and_equals_merged(tmp_path, caplog):

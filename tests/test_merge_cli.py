@@ -6,11 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,22 +20,13 @@ from jaxpeft.core.tree import dotted, flatten_params, unflatten_params
 from jaxpeft.merge.folders import MergeConfig, merge_folders, read_lora_folder, write_lora_folder
 from jaxpeft.methods.lora import Lora, LoraConfig
 from jaxpeft.train.tasks import get_task, time_split_of
+from tests.cli import run_module as _run
 from tests import tolerances
 from tests.hf_tiny import hf_logits, tiny_model_folder
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
-ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(atol=1e-5, rtol=0.0)
-
-
-def _run(*args, check=True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def _deltas(tree) -> dict[str, np.ndarray]:

@@ -7,11 +7,7 @@ import copy
 import dataclasses
 import json
 import logging
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import chex
 import jax
@@ -26,13 +22,13 @@ from jaxpeft.methods import get_method
 from jaxpeft.methods.prefix import PrefixConfig
 from jaxpeft.methods.prompt import PromptConfig
 from jaxpeft.models.generate import generate
+from tests.cli import run_module as _run
 from tests import tolerances
 from tests.hf_tiny import VOCAB, hf_logits, tiny_hf_config, tiny_hf_model, tiny_model_folder, tiny_tokenizer
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-ROOT = Path(__file__).resolve().parents[1]
 IDS = np.random.default_rng(0).integers(3, VOCAB, (2, 9))
 PREFIX, PROMPT = get_method("prefix"), get_method("prompt")
 
@@ -300,14 +296,6 @@ def test_a_cache_without_the_virtual_slots_is_refused(pair):
 
 
 # --- entry points ----------------------------------------------------------------------------------------------
-
-def _run(*args, check=True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,22 +19,17 @@ from jaxpeft.methods.lora import LoraConfig
 from jaxpeft.quant import Quantized4bit, quantize_params
 from jaxpeft.train import optim
 from jaxpeft.train.loop import TrainConfig, Trainer
+from tests.cli import run_module
 from tests import tolerances
 from tests.hf_tiny import VOCAB, hf_logits, tiny_hf_config, tiny_hf_model, tiny_model_folder
 
 torch = pytest.importorskip("torch")
-ROOT = Path(__file__).resolve().parents[1]
 LORA = get_method("lora")
 QUANT_FLAGS = ("--quant_type=fp4", "--blocksize=32")  # not the defaults, so the flags are seen to arrive
 
 
 def _cli(*args, check=True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "experiments.qlora", *args], cwd=ROOT, capture_output=True,
-                          text=True, env=env, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"experiments.qlora {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
+    return run_module("experiments.qlora", *args, check=check, timeout=600)
 
 
 def test_qlora_training_lowers_the_loss_and_keeps_the_base_quantized():

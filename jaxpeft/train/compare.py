@@ -50,7 +50,7 @@ SPECS: dict[str, MethodSpec] = {s.label: s for s in (
     # 5e-5: transformers' Trainer default; LoRA's rates would wreck a fully trained base.
     MethodSpec(label="full", entry="experiments.full", method="full", lrs=(5e-5, 1.5e-4)),
     MethodSpec(label="lora", entry="experiments.lora", method="lora", lrs=(1e-3, 3e-3), quick_args=("--rank=4",)),
-    MethodSpec(label="qlora", entry="experiments.qlora", method="lora", lrs=(1e-3, 3e-3), quick_args=("--rank=4",),
+    MethodSpec(label="qlora", entry="experiments.qlora", method="lora", lrs=(2e-3, 6e-3), quick_args=("--rank=4",),
                quantized_base=True),
     MethodSpec(label="adapters", entry="experiments.adapters", method="adapters", lrs=(1e-3, 3e-3),
                args=("--adapter_type=houlsby",), quick_args=("--reduction_factor=8",)),
