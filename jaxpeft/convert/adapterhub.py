@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft.convert.hf import read_safetensors
+from jaxpeft.convert.peft_io import read_config_json
 from jaxpeft.core.atomic import atomic_dir
 from jaxpeft.core.errors import CheckpointError, ConfigError, bullet_list
 from jaxpeft.core.tree import flatten_params, unflatten_params
@@ -187,20 +188,8 @@ def config_from_adapterhub(raw: Mapping[str, Any]) -> AdaptersConfig:
 
 
 def _read_config(folder: Path) -> dict:
-    if not folder.is_dir():
-        raise CheckpointError(f"adapter folder {folder} does not exist; pass the folder that holds {CONFIG_NAME}.")
-    path = folder / CONFIG_NAME
-    if not path.exists():
-        found = sorted(p.name for p in folder.iterdir())
-        raise CheckpointError(f"{folder} has no {CONFIG_NAME} (found {found or 'nothing'}); pass a folder written by "
-                              "the adapters package's save_adapter (or by jaxpeft).")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); export the adapter again.") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not an object; export the adapter again.")
-    return raw
+    return read_config_json(Path(folder), CONFIG_NAME, expect="a folder written by the adapters package's "
+                            "save_adapter (or by jaxpeft)")
 
 
 def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, np.ndarray]:

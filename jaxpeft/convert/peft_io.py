@@ -161,18 +161,28 @@ def config_from_peft(raw: Mapping[str, Any]) -> LoraConfig:
     )
 
 
-def _read_config(folder: Path) -> dict:
+def read_config_json(folder: Path, name: str = CONFIG_NAME, *,
+                     expect: str = "a PEFT adapter folder (a second adapter saved alongside sits in "
+                                   "<folder>/<adapter name>/)") -> dict:
+    """The JSON object in `folder/name`; a missing folder/file or bad JSON is a CheckpointError saying what
+    was found and what to pass instead (`expect`)."""
     if not folder.is_dir():
-        raise CheckpointError(f"adapter folder {folder} does not exist; pass the folder that holds {CONFIG_NAME}.")
-    path = folder / CONFIG_NAME
+        raise CheckpointError(f"adapter folder {folder} does not exist; pass the folder that holds {name}.")
+    path = folder / name
     if not path.exists():
         found = sorted(p.name for p in folder.iterdir())
-        raise CheckpointError(f"{folder} has no {CONFIG_NAME} (found {found or 'nothing'}); pass a PEFT adapter "
-                              "folder (a second adapter saved alongside sits in <folder>/<adapter name>/).")
+        raise CheckpointError(f"{folder} has no {name} (found {found or 'nothing'}); pass {expect}.")
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); export the adapter again.") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not an object; export the adapter again.")
+    return raw
+
+
+def _read_config(folder: Path) -> dict:
+    return read_config_json(Path(folder))
 
 
 def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, np.ndarray]:

@@ -49,33 +49,46 @@ def select_token(logits_BxV: jax.Array, key: jax.Array, sampling: SamplingConfig
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def decode_loop(forward, cache, ids_BxP, mask_BxP, stop_ids, key, *, max_new_tokens: int,
+                sampling: SamplingConfig):
+    """The traced decode loop: `forward(ids_BxS, mask_BxS, cache) -> (logits, cache)` runs the prompt once,
+    then one token per step until every row has produced a stop token or `max_new_tokens` tokens.
+    Returns the new tokens (B, max_new_tokens); rows stop being meaningful after their stop token."""
+    b = ids_BxP.shape[0]
+    logits, cache = forward(ids_BxP, mask_BxP, cache)
+    key, sub = jax.random.split(key)
+    first = select_token(logits[:, -1], sub, sampling)
+    out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stop_ids)
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, token, cache, done, out, key = state
+        logits, cache = forward(token[:, None], jnp.ones((b, 1), jnp.int32), cache)
+        key, sub = jax.random.split(key)
+        nxt = select_token(logits[:, -1], sub, sampling)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
+        return step + 1, nxt, cache, done | jnp.isin(nxt, stop_ids), out, key
+
+    state = (jnp.int32(1), first, cache, done, out, key)
+    return jax.lax.while_loop(cond, body, state)[4]
+
+
 @functools.lru_cache(maxsize=32)
 def _decode_fn(model: Any, max_new_tokens: int, sampling: SamplingConfig, cache_dtype: Any):
     def run(params, ids_BxP, mask_BxP, stop_ids, key):
         b, p = ids_BxP.shape
         # new_cache puts an adapter's virtual tokens (prompt/prefix tuning) in front of the prompt's slots.
         cache = model.apply({"params": params}, b, p + max_new_tokens, cache_dtype, method="new_cache")
-        logits, cache = model.apply({"params": params}, ids_BxP, attention_mask_BxS=mask_BxP, cache=cache)
-        key, sub = jax.random.split(key)
-        first = select_token(logits[:, -1], sub, sampling)
-        out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
-        done = jnp.isin(first, stop_ids)
 
-        def cond(state):
-            step, _, _, done, _, _ = state
-            return (step < max_new_tokens) & ~jnp.all(done)
+        def forward(ids, mask, cache):
+            return model.apply({"params": params}, ids, attention_mask_BxS=mask, cache=cache)
 
-        def body(state):
-            step, token, cache, done, out, key = state
-            logits, cache = model.apply({"params": params}, token[:, None],
-                                        attention_mask_BxS=jnp.ones((b, 1), jnp.int32), cache=cache)
-            key, sub = jax.random.split(key)
-            nxt = select_token(logits[:, -1], sub, sampling)
-            out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
-            return step + 1, nxt, cache, done | jnp.isin(nxt, stop_ids), out, key
-
-        state = (jnp.int32(1), first, cache, done, out, key)
-        return jax.lax.while_loop(cond, body, state)[4]
+        return decode_loop(forward, cache, ids_BxP, mask_BxP, stop_ids, key, max_new_tokens=max_new_tokens,
+                           sampling=sampling)
 
     return jax.jit(run)
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxpeft.core import partition
 from jaxpeft.core.errors import ConfigError
-from jaxpeft.models.generate import SamplingConfig, left_pad, select_token
+from jaxpeft.models.generate import SamplingConfig, decode_loop, left_pad
 from jaxpeft.models.llama import init_cache
 from jaxpeft.multi.stack import gather_rows, stack_adapters
 
@@ -107,26 +107,12 @@ def _decode_fn(model: Any, max_new_tokens: int, sampling: SamplingConfig, cache_
         b, p = ids_BxP.shape
         rows = gather_rows(stacked, adapter_ids_B)  # gathered once, reused by every step
         cache = init_cache(model.config, b, p + max_new_tokens, cache_dtype)
-        logits, cache = _rows(model, base, rows, ids_BxP, mask_BxP, cache)
-        key, sub = jax.random.split(key)
-        first = select_token(logits[:, -1], sub, sampling)
-        out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
-        done = jnp.isin(first, stop_ids)
 
-        def cond(state):
-            step, _, _, done, _, _ = state
-            return (step < max_new_tokens) & ~jnp.all(done)
+        def forward(ids, mask, cache):
+            return _rows(model, base, rows, ids, mask, cache)
 
-        def body(state):
-            step, token, cache, done, out, key = state
-            logits, cache = _rows(model, base, rows, token[:, None], jnp.ones((b, 1), jnp.int32), cache)
-            key, sub = jax.random.split(key)
-            nxt = select_token(logits[:, -1], sub, sampling)
-            out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
-            return step + 1, nxt, cache, done | jnp.isin(nxt, stop_ids), out, key
-
-        state = (jnp.int32(1), first, cache, done, out, key)
-        return jax.lax.while_loop(cond, body, state)[4]
+        return decode_loop(forward, cache, ids_BxP, mask_BxP, stop_ids, key, max_new_tokens=max_new_tokens,
+                           sampling=sampling)
 
     return jax.jit(run)
 
