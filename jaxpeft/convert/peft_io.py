@@ -118,7 +118,7 @@ def load_peft_adapter(folder: str | os.PathLike, model: Any, params: Mapping, *,
     read only with `allow_pickle=True`.
     """
     folder = Path(folder)
-    raw = _read_config(folder)
+    raw = read_config_json(folder)
     config = config_from_peft(raw)
     tensors = _read_tensors(folder, allow_pickle)
     adapted = _attach(params, config, tensors, adapter_dtype)
@@ -179,10 +179,6 @@ def read_config_json(folder: Path, name: str = CONFIG_NAME, *,
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} holds a {type(raw).__name__}, not an object; export the adapter again.")
     return raw
-
-
-def _read_config(folder: Path) -> dict:
-    return read_config_json(Path(folder))
 
 
 def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, np.ndarray]:

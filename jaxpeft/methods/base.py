@@ -117,27 +117,21 @@ def replace(config: Any, **changes: Any) -> Any:
 def method_of_folder(folder: Any) -> Method:
     """The registered method that reads an adapter folder: PEFT folders by their `peft_type`, AdapterHub
     folders (bottleneck adapters) by their layout. Raises a ConfigError saying what the folder is."""
-    import json
     from pathlib import Path
 
     import jaxpeft.methods  # noqa: F401  (registers the built-in methods)
-    from jaxpeft.core.errors import CheckpointError
+    from jaxpeft.convert.peft_io import read_config_json
 
     path = Path(folder) / "adapter_config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no adapter_config.json, so it is not an adapter folder (PEFT or "
-                              "AdapterHub). A full model folder is loaded with --model / from_pretrained instead.")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the adapter.") from e
-    if isinstance(raw, dict) and "peft_type" in raw:
+    raw = read_config_json(Path(folder), expect="an adapter folder (PEFT or AdapterHub); a full model folder is "
+                                                "loaded with --model / from_pretrained instead")
+    if "peft_type" in raw:
         by_type = {m.peft_type: m for m in METHODS.values() if m.peft_type}
         if raw["peft_type"] not in by_type:
             raise ConfigError(f"{folder} holds a PEFT {raw['peft_type']!r} adapter; jaxpeft reads "
                               f"{sorted(by_type)}.")
         return by_type[raw["peft_type"]]
-    if isinstance(raw, dict) and isinstance(raw.get("config"), dict) and "model_class" in raw:
+    if isinstance(raw.get("config"), dict) and "model_class" in raw:
         return get_method("adapters")
     raise ConfigError(f"{path} is neither a PEFT adapter config (no peft_type) nor an AdapterHub one (no "
                       "config/model_class); cannot tell which method wrote it.")

@@ -254,10 +254,10 @@ def config_from_peft(raw: Mapping[str, Any]) -> IA3Config:
 
 def load_peft_ia3(folder: str | os.PathLike, params: Mapping) -> tuple[dict, IA3Config]:
     """Reads a PEFT IA3 folder (ours or peft's) onto base `params`: (params with IA3 leaves, IA3Config)."""
-    from jaxpeft.convert.peft_io import PREFIX, _read_config, _read_tensors
+    from jaxpeft.convert.peft_io import PREFIX, _read_tensors, read_config_json
 
     folder = FsPath(folder)
-    config = config_from_peft(_read_config(folder))
+    config = config_from_peft(read_config_json(folder))
     tensors = _read_tensors(folder, allow_pickle=False)
     flat = flatten_params(params)
     if any(p[-1] in IA3_LEAVES for p in flat):

@@ -89,10 +89,10 @@ def write_folder(out_dir: str | os.PathLike, config: Mapping[str, Any], embeddin
 
 def read_folder(folder: str | os.PathLike, peft_type: str, *, allow_pickle: bool = False) -> tuple[dict, np.ndarray]:
     """(adapter_config.json contents, the `prompt_embeddings` tensor) of a PEFT folder of `peft_type`."""
-    from jaxpeft.convert.peft_io import _read_config, _read_tensors
+    from jaxpeft.convert.peft_io import _read_tensors, read_config_json
 
     folder = Path(folder)
-    raw = _read_config(folder)
+    raw = read_config_json(folder)
     if raw.get("peft_type") != peft_type:
         raise ConfigError(f"{folder} holds a {raw.get('peft_type')!r} adapter, not {peft_type!r}; load it with the "
                           "method it was trained with (e.g. LoRA folders with load_peft_adapter).")
