@@ -30,12 +30,28 @@ def unflatten_params(flat: Mapping[Path, Any]) -> dict:
     return tree
 
 
+def module_leaves(tree: Mapping) -> dict[Path, dict[str, Any]]:
+    """{module path: {leaf name: leaf}} for every module that directly holds leaves (a nested tree or an
+    already flat {path: leaf} dict), in the order the leaves come."""
+    flat = tree if tree and all(isinstance(k, tuple) for k in tree) else flatten_params(tree)
+    groups: dict[Path, dict[str, Any]] = {}
+    for path, leaf in flat.items():
+        groups.setdefault(path[:-1], {})[path[-1]] = leaf
+    return groups
+
+
 def module_paths(tree: Mapping) -> Iterator[tuple[Path, Mapping]]:
     """Yields (module path, its leaves) for every module that directly holds leaves."""
-    groups: dict[Path, dict] = {}
-    for path, leaf in flatten_params(tree).items():
-        groups.setdefault(path[:-1], {})[path[-1]] = leaf
-    yield from groups.items()
+    yield from module_leaves(tree).items()
+
+
+def kernel_shape(leaves: Mapping[str, Any]) -> tuple[int, int]:
+    """The logical (I, O) shape of a linear module's kernel: a dense `kernel` or a quantized `qkernel`
+    (which knows its shape)."""
+    for key in ("kernel", "qkernel"):
+        if key in leaves:
+            return tuple(leaves[key].shape)  # type: ignore[return-value]
+    raise KeyError(f"no kernel (kernel or qkernel) among the leaves {sorted(leaves)}")
 
 
 def dotted(path: Path) -> str:
