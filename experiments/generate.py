@@ -39,7 +39,7 @@ def main(argv) -> None:
                               top_p=_TOP_P.value)
     model, params, tokenizer = jaxpeft.from_pretrained(_MODEL.value)
     if _ADAPTER.value:
-        from jaxpeft.methods.base import load_adapter
+        from jaxpeft.methods import load_adapter
 
         _, model, params, _ = load_adapter(_ADAPTER.value, model, params)
     ids = encode_prompt(tokenizer, _PROMPT.value, chat=_CHAT.value)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import jaxpeft
-from jaxpeft.convert.adapterhub import load_adapterhub, save_adapterhub
+from jaxpeft.methods.bottleneck import load_adapterhub, save_adapterhub
 from jaxpeft.convert.hf import read_safetensors
 from jaxpeft.core.errors import CheckpointError, ConfigError
 from jaxpeft.core.tree import flatten_params

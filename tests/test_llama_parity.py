@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxpeft import from_transformers
-from jaxpeft.models.llama import default_positions
+from jaxpeft.models.causal_lm import default_positions
 from tests import tolerances
 from tests.hf_tiny import VOCAB, hf_logits, tiny_hf_config, tiny_hf_model
 

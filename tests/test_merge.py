@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxpeft import from_transformers
-from jaxpeft.convert.peft_io import load_peft_adapter, save_peft_adapter
+from jaxpeft.methods.lora import load_peft_adapter, save_peft_adapter
 from jaxpeft.core.errors import ConfigError
 from jaxpeft.core.tree import dotted, flatten_params, unflatten_params
 from jaxpeft.merge import (COMBINATION_TYPES, combine_adapters, magnitude_prune, merge_full_models, prune_random,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxpeft
-from jaxpeft.convert.peft_io import save_peft_adapter
+from jaxpeft.methods.lora import save_peft_adapter
 from jaxpeft.core.errors import CheckpointError, ConfigError
 from jaxpeft.core.tree import dotted, flatten_params, unflatten_params
 from jaxpeft.merge.folders import MergeConfig, merge_folders, read_lora_folder, write_lora_folder

@@ -12,7 +12,7 @@ from jaxpeft import from_transformers
 from jaxpeft.core.tree import flatten_params
 from jaxpeft.core.errors import CheckpointError, ConfigError
 from jaxpeft.methods import METHODS, get_method
-from jaxpeft.methods.base import load_adapter
+from jaxpeft.methods import load_adapter
 from jaxpeft.methods.bottleneck import AdaptersConfig
 from jaxpeft.methods.full import FullConfig
 from jaxpeft.methods.ia3 import IA3Config

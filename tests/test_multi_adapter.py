@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxpeft import from_transformers
-from jaxpeft.convert.peft_io import save_peft_adapter
+from jaxpeft.methods.lora import save_peft_adapter
 from jaxpeft.core import partition
 from jaxpeft.core.errors import ConfigError
 from jaxpeft.core.tree import flatten_params, unflatten_params

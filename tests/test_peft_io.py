@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxpeft import from_transformers
-from jaxpeft.convert.peft_io import load_peft_adapter, save_peft_adapter
+from jaxpeft.methods.lora import load_peft_adapter, save_peft_adapter
 from jaxpeft.core.errors import CheckpointError, ConfigError
 from jaxpeft.core.tree import flatten_params, unflatten_params
 from jaxpeft.methods import get_method

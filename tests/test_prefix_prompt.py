@@ -284,7 +284,7 @@ def test_adapters_from_another_architecture_are_refused(pair, tmp_path):
 
 def test_a_cache_without_the_virtual_slots_is_refused(pair):
     _, model, params = pair(1)
-    from jaxpeft.models.llama import init_cache
+    from jaxpeft.models.causal_lm import init_cache
 
     adapted = PREFIX.init(jax.random.key(0), params, PrefixConfig(num_virtual_tokens=2))
     with pytest.raises(ValueError, match="new_cache"):

@@ -11,7 +11,7 @@ import pytest
 
 from jaxpeft import from_transformers
 from jaxpeft.convert.bnb import Bnb4bitConfig, QuantizedBaseLoader
-from jaxpeft.convert.peft_io import load_peft_adapter
+from jaxpeft.methods.lora import load_peft_adapter
 from jaxpeft.core.errors import ConfigError
 from jaxpeft.core.tree import flatten_params
 from jaxpeft.methods import get_method

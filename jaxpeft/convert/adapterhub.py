@@ -9,14 +9,20 @@ for each adapted layer i, location L (attention_adapters, output_adapters) and a
     model.layers.<i>.<L>.adapters.<N>.adapter_down.0.bias    (R,)
     model.layers.<i>.<L>.adapters.<N>.adapter_up.weight      (D, R)   = up/kernel.T
     model.layers.<i>.<L>.adapters.<N>.adapter_up.bias        (D,)
-(checked against adapters 1.3.0: tests/fixtures/adapterhub/make_fixtures.py). Options of the package that
+(checked against adapters 1.3.0: tests/fixtures/adapterhub/make_fixtures.py). This module is the format and
+the adapter's tree layout (below); `jaxpeft.methods.bottleneck` computes with it and never the other way
+round: the config read and written here is any object with AdaptersConfig's fields.
+
+Tree layout, per adapted layer i (A = attention_adapter or output_adapter):
+    model/layers/<i>/A/down/{kernel (D, R), bias (R,)}   up/{kernel (R, D), bias (D,)}
+    model/layers/<i>/A/scale, input_residual, output_residual ()     frozen numbers from the config
+    model/layers/<i>/A/activation/<name> (0,)                       its key names the activation Options of the package that
 add weights or change the maths beyond what jaxpeft computes (new layer norms, gating, parallel adapters,
 PHM layers, invertible adapters, learned scaling, per-layer reduction factors) are refused in one error.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -25,14 +31,18 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.convert.hf import read_safetensors
-from jaxpeft.convert.peft_io import read_config_json
-from jaxpeft.core.atomic import atomic_dir
+from jaxpeft.convert.peft import common
 from jaxpeft.core.errors import CheckpointError, ConfigError, bullet_list
 from jaxpeft.core.tree import flatten_params, unflatten_params
-from jaxpeft.methods.bottleneck import (ACTIVATIONS, LOCATIONS, AdaptersConfig, activation_of,
-                                        adapter_leaves, hidden_size_of, layer_indices, package_bottleneck_size)
 from jaxpeft.models.config import ARCHITECTURES
+
+AdaptersConfig = Any  # an object with jaxpeft.methods.bottleneck.AdaptersConfig's fields (no import of methods)
+# Our key -> the package's module name in the decoder layer.
+LOCATIONS = {"attention_adapter": "attention_adapters", "output_adapter": "output_adapters"}
+FROZEN_LEAVES = ("scale", "input_residual", "output_residual")
+# transformers' `get_activation` names (the package's non_linearity) that jaxpeft computes.
+ACTIVATION_NAMES = ("relu", "relu6", "relu2", "leakyrelu", "leaky_relu", "swish", "silu", "gelu", "gelu_python",
+                    "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "tanh", "sigmoid", "linear")
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -101,52 +111,30 @@ def adapterhub_tensors(params: Mapping, config: AdaptersConfig) -> dict[str, np.
                 continue
             a = layers[str(i)][loc]
             prefix = f"model.layers.{i}.{LOCATIONS[loc]}.adapters.{config.name}."
-            out[prefix + "adapter_down.0.weight"] = _f32(a["down"]["kernel"]).T
-            out[prefix + "adapter_down.0.bias"] = _f32(a["down"]["bias"])
-            out[prefix + "adapter_up.weight"] = _f32(a["up"]["kernel"]).T
-            out[prefix + "adapter_up.bias"] = _f32(a["up"]["bias"])
+            out[prefix + "adapter_down.0.weight"] = common.f32(a["down"]["kernel"]).T
+            out[prefix + "adapter_down.0.bias"] = common.f32(a["down"]["bias"])
+            out[prefix + "adapter_up.weight"] = common.f32(a["up"]["kernel"]).T
+            out[prefix + "adapter_up.bias"] = common.f32(a["up"]["bias"])
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def save_adapterhub(out_dir: str | os.PathLike, params: Mapping, config: AdaptersConfig, *, model_config: Any,
-                    base_model_name_or_path: str, overwrite: bool = False) -> Path:
-    """Writes the bottleneck adapter in `params` (base + adapter leaves) as a folder that the package's
-    `model.load_adapter(out_dir)` reads. The folder appears whole or not at all."""
-    _check_saveable(params, config)
-    tensors = adapterhub_tensors(params, config)
-    cfg = adapterhub_config_dict(config, hidden_size=hidden_size_of(params), model_type=model_config.model_type,
-                                 model_name=base_model_name_or_path)
-    from safetensors.numpy import save_file
-
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-    return Path(out_dir)
+def write_folder(out_dir: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
+                 overwrite: bool = False) -> Path:
+    """adapter_config.json (indent 2, sorted keys, no trailing newline, as the package writes it) and
+    adapter.safetensors, atomically."""
+    return common.write_folder(out_dir, config, tensors, overwrite=overwrite, config_name=CONFIG_NAME,
+                               weights_name=WEIGHTS_NAME, newline=False)
 
 
-def load_adapterhub(folder: str | os.PathLike, model: Any, params: Mapping, *, allow_pickle: bool = False,
-                    adapter_dtype: Any = jnp.float32) -> tuple[Any, dict, AdaptersConfig]:
-    """Reads an AdapterHub bottleneck adapter folder (ours or the package's) onto base `params`.
-
-    Returns (model with the adapter's dropout, params with the adapter leaves, AdaptersConfig).
-    `pytorch_adapter.bin` (a pickle) is read only with `allow_pickle=True`, through torch's weights-only loader.
-    """
-    folder = Path(folder)
-    raw = _read_config(folder)
-    config = config_from_adapterhub(raw)
-    tensors = _read_tensors(folder, allow_pickle)
-    adapted = _attach(params, config, raw, tensors, adapter_dtype)
-    return model.clone(dropout_rate=config.dropout), adapted, config
-
-
-def config_from_adapterhub(raw: Mapping[str, Any]) -> AdaptersConfig:
-    """An AdaptersConfig from adapter_config.json's contents; one error lists every option jaxpeft cannot honour."""
+def config_kwargs(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """AdaptersConfig's keyword arguments from adapter_config.json's contents; one error lists every option
+    jaxpeft cannot honour."""
     inner = raw.get("config")
     if isinstance(inner, str):
         if inner not in _NAMED:
             raise ConfigError(f"the adapter's config is the named config {inner!r}; jaxpeft reads the bottleneck "
                               f"adapters {sorted(_NAMED)} only")
-        return AdaptersConfig(adapter_type=_NAMED[inner], name=str(raw.get("name") or "adapter"))
+        return dict(adapter_type=_NAMED[inner], name=str(raw.get("name") or "adapter"))
     if not isinstance(inner, Mapping):
         raise CheckpointError(f"{CONFIG_NAME} has no \"config\" object (found {type(inner).__name__}); export the "
                               "adapter again with the package's save_adapter")
@@ -173,12 +161,12 @@ def config_from_adapterhub(raw: Mapping[str, Any]) -> AdaptersConfig:
     act = str(inner.get("non_linearity", "relu")).lower()
     if "version" not in raw:  # as the package does for files written before it recorded versions
         act = _LEGACY_ACTIVATIONS.get(act, act)
-    if act not in ACTIVATIONS:
-        bad.append(f"non_linearity={act!r}: jaxpeft knows {sorted(ACTIVATIONS)}")
+    if act not in ACTIVATION_NAMES:
+        bad.append(f"non_linearity={act!r}: jaxpeft knows {sorted(ACTIVATION_NAMES)}")
     if bad:
         raise ConfigError("the adapter uses options of the adapters package that jaxpeft does not support:\n"
                           + bullet_list(bad) + "\nRetrain the adapter without them.")
-    return AdaptersConfig(
+    return dict(
         adapter_type="houlsby" if mh else "pfeiffer", reduction_factor=rf, activation=act,
         scaling=float(scaling), dropout=float(inner.get("dropout") or 0.0),
         leave_out=tuple(int(i) for i in inner.get("leave_out") or ()),
@@ -187,28 +175,20 @@ def config_from_adapterhub(raw: Mapping[str, Any]) -> AdaptersConfig:
         residual_before_ln=bool(inner.get("residual_before_ln", True)), name=str(raw.get("name") or "adapter"))
 
 
-def _read_config(folder: Path) -> dict:
-    return read_config_json(Path(folder), CONFIG_NAME, expect="a folder written by the adapters package's "
+def read_config(folder: Path) -> dict:
+    return common.read_config_json(Path(folder), CONFIG_NAME, expect="a folder written by the adapters package's "
                             "save_adapter (or by jaxpeft)")
 
 
-def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
-    if (folder / WEIGHTS_NAME).exists():
-        return read_safetensors(folder / WEIGHTS_NAME)
-    if (folder / PICKLE_NAME).exists():
-        if not allow_pickle:
-            raise CheckpointError(f"{folder} holds only {PICKLE_NAME}, a pickle file. Re-save it with the package's "
-                                  "save_adapter(..., use_safetensors=True), or pass allow_pickle=True if you trust "
-                                  "its source (read with torch's weights-only loader).")
-        import torch
-
-        state = torch.load(folder / PICKLE_NAME, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() for k, v in state.items()}
-    raise CheckpointError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME} (or {PICKLE_NAME}); copy the complete "
-                          "adapter folder.")
+def read_adapter_tensors(folder: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+    return common.read_tensors(folder, allow_pickle, weights_name=WEIGHTS_NAME, pickle_name=PICKLE_NAME,
+                               config_name=CONFIG_NAME, pickle_advice=(
+                                   ". Re-save it with the package's save_adapter(..., use_safetensors=True), or pass "
+                                   "allow_pickle=True if you trust its source (read with torch's weights-only "
+                                   "loader)."))
 
 
-def _attach(params: Mapping, config: AdaptersConfig, raw: Mapping, tensors: Mapping[str, np.ndarray],
+def attach(params: Mapping, config: AdaptersConfig, raw: Mapping, tensors: Mapping[str, np.ndarray],
             dtype: Any) -> dict:
     """Params with the adapter attached; one CheckpointError lists everything that does not fit."""
     layers = layer_indices(params)
@@ -262,7 +242,7 @@ def _attach(params: Mapping, config: AdaptersConfig, raw: Mapping, tensors: Mapp
     return unflatten_params(flat)
 
 
-def _check_saveable(params: Mapping, config: AdaptersConfig) -> None:
+def check_saveable(params: Mapping, config: AdaptersConfig) -> None:
     layers = params.get("model", {}).get("layers", {})
     present = {(int(i), loc) for i, layer in layers.items() for loc in LOCATIONS if loc in layer}
     if not present:
@@ -290,9 +270,41 @@ def _check_saveable(params: Mapping, config: AdaptersConfig) -> None:
                           "adapter:\n" + bullet_list(problems) + "\nPass the AdaptersConfig the adapter was made with.")
 
 
-def _f32(x: Any) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32)
+def package_bottleneck_size(hidden_size: int, reduction_factor: float) -> int:
+    """The package's own rule (floor, at least 1), for adapters it made with a non-dividing factor."""
+    return max(1, int(hidden_size // reduction_factor))
 
 
-__all__ = ["adapterhub_config_dict", "adapterhub_tensors", "config_from_adapterhub", "load_adapterhub",
-           "save_adapterhub"]
+def layer_indices(params: Mapping) -> list[int]:
+    """The decoder layers of a parameter tree (model/layers/<i>), in order."""
+    layers = params.get("model", {}).get("layers", {}) if isinstance(params, Mapping) else {}
+    return sorted(int(i) for i in layers)
+
+
+def hidden_size_of(params: Mapping) -> int:
+    layer = params["model"]["layers"][str(layer_indices(params)[0])]
+    return int(jnp.shape(layer["post_attention_layernorm"]["weight"])[0])
+
+
+def adapter_leaves(down_DxR: Any, down_R: Any, up_RxD: Any, up_D: Any, config: AdaptersConfig,
+                   dtype: Any = jnp.float32) -> dict:
+    """One adapter's subtree from its weights (Flax (in, out) layout) and the config's frozen numbers."""
+    leaves: dict[str, Any] = {
+        "down": {"kernel": jnp.asarray(down_DxR, dtype), "bias": jnp.asarray(down_R, dtype)},
+        "up": {"kernel": jnp.asarray(up_RxD, dtype), "bias": jnp.asarray(up_D, dtype)},
+        "activation": {config.activation: jnp.zeros((0,), jnp.float32)},
+    }
+    leaves.update({k: jnp.asarray(v, jnp.float32) for k, v in config.frozen_values().items()})
+    return leaves
+
+
+def activation_of(leaves: Mapping[str, Any]) -> str:
+    names = list(leaves["activation"])
+    if len(names) != 1 or names[0] not in ACTIVATION_NAMES:
+        raise ValueError(f"a bottleneck adapter needs one activation key from {sorted(ACTIVATION_NAMES)}; found {names}")
+    return names[0]
+
+
+__all__ = ["ACTIVATION_NAMES", "LOCATIONS", "activation_of", "adapter_leaves", "adapterhub_config_dict",
+           "adapterhub_tensors", "attach", "check_saveable", "config_kwargs", "hidden_size_of", "layer_indices",
+           "package_bottleneck_size", "read_adapter_tensors", "read_config", "write_folder"]

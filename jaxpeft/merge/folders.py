@@ -33,15 +33,19 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpeft.convert.hf import read_safetensors, save_hf_folder
+from jaxpeft.convert.load import from_pretrained, load_tokenizer_from, resolve_model_dir
+from jaxpeft.convert.peft import common as peft_common, lora as peft_lora
 from jaxpeft.core.atomic import atomic_dir
 from jaxpeft.core.errors import CheckpointError, ConfigError, bullet_list
 from jaxpeft.core.tree import dotted, flatten_params, unflatten_params
 from jaxpeft.merge.combine import COMBINATION_TYPES, SEMANTICS, combine_adapters
 from jaxpeft.merge.ops import NEEDS_DENSITY, NEEDS_KEY, SIGN_METHODS
-from jaxpeft.methods.lora import LoraConfig
+from jaxpeft.merge.unload import merge_and_unload
+from jaxpeft.methods.lora import LoraConfig, load_peft_adapter
+from jaxpeft.quant import dequantize_params
 
-PREFIX = "base_model.model."
-_A, _B, _M = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
+CONFIG_NAME, WEIGHTS_NAME = peft_common.CONFIG_NAME, peft_common.WEIGHTS_NAME
 DEFAULT_DENSITY = 0.5
 
 
@@ -109,9 +113,6 @@ class LoraFolder:
 
 def read_lora_folder(folder: str | os.PathLike) -> LoraFolder:
     """Reads a PEFT LoRA folder into LoRA leaves (see the module doc); errors name the folder and the fix."""
-    from jaxpeft.convert.hf import read_safetensors
-    from jaxpeft.convert.peft_io import CONFIG_NAME, WEIGHTS_NAME, config_from_peft
-
     folder = Path(folder)
     cfg_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not cfg_path.is_file():
@@ -126,7 +127,7 @@ def read_lora_folder(folder: str | os.PathLike) -> LoraFolder:
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); export the adapter again.") from e
-    config = config_from_peft(raw)
+    config = LoraConfig(**peft_lora.config_kwargs(raw))
     if config.modules_to_save:
         raise ConfigError(f"{folder}: modules_to_save={list(config.modules_to_save)} are full weights, which a LoRA "
                           "combination does not cover; merge adapters without modules_to_save")
@@ -134,13 +135,13 @@ def read_lora_folder(folder: str | os.PathLike) -> LoraFolder:
     pairs: dict[str, dict[str, np.ndarray]] = {}
     odd = []
     for key, value in sorted(read_safetensors(weights_path).items()):
-        kind = next((k for k in (_A, _B, _M, _M + ".weight") if key.endswith(k)), None)
-        if not key.startswith(PREFIX) or kind is None:
+        _, module, kind = peft_lora.parse_key(key)
+        if kind is None:
             odd.append(f"{key}: not a base_model.model.<module>.lora_A/lora_B/lora_magnitude_vector tensor")
             continue
-        pairs.setdefault(key[len(PREFIX):-len(kind)], {})[kind[:len(_M)] if kind.startswith(_M) else kind] = value
+        pairs.setdefault(module, {})[kind] = value
     for name, g in sorted(pairs.items()):
-        a, b = g.get(_A), g.get(_B)
+        a, b = g.get(peft_lora.A_KEY), g.get(peft_lora.B_KEY)
         if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             odd.append(f"{name}: lora_A {None if a is None else a.shape} and lora_B {None if b is None else b.shape} "
                        "are not an (R, I), (O, R) pair")
@@ -148,11 +149,7 @@ def read_lora_folder(folder: str | os.PathLike) -> LoraFolder:
         if a.shape[0] != config.rank_for(name):
             odd.append(f"{name}: rank {a.shape[0]}, but the config's r/rank_pattern gives {config.rank_for(name)}")
         path = tuple(name.split("."))
-        flat[path + ("lora_a",)] = jnp.asarray(a.T, jnp.float32)
-        flat[path + ("lora_b",)] = jnp.asarray(b.T, jnp.float32)
-        flat[path + ("lora_scale",)] = jnp.asarray(config.scale_for(name), jnp.float32)
-        if _M in g:
-            flat[path + ("lora_magnitude",)] = jnp.asarray(g[_M], jnp.float32)
+        flat.update({path + (k,): v for k, v in peft_lora.lora_leaves(g, config.scale_for(name), jnp.float32).items()})
     if not flat and not odd:
         odd.append("no LoRA tensors at all")
     if odd:
@@ -180,31 +177,14 @@ def _base_key(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
-def lora_folder_config(adapter: Mapping, config: LoraConfig, *, base_model_name_or_path: str) -> dict[str, Any]:
-    """adapter_config.json for an adapter tree, with every adapted module named in full (no base needed)."""
-    names = sorted(dotted(p[:-1]) for p in flatten_params(adapter) if p[-1] == "lora_a")
-    alpha = float(config.lora_alpha)
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r,
-            "lora_alpha": int(alpha) if alpha.is_integer() else alpha, "lora_dropout": 0.0,
-            "use_rslora": config.use_rslora, "use_dora": False, "bias": "none", "fan_in_fan_out": False,
-            "inference_mode": True, "init_lora_weights": True, "target_modules": names, "layers_to_transform": None,
-            "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
-            "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path, "revision": None}
-
-
 def write_lora_folder(out: str | os.PathLike, adapter: Mapping, config: LoraConfig, *, base_model_name_or_path: str,
                       overwrite: bool = False) -> Path:
-    """Writes a LoRA adapter tree as a PEFT folder, atomically, without needing the base model."""
-    from safetensors.numpy import save_file
-
-    from jaxpeft.convert.peft_io import CONFIG_NAME, WEIGHTS_NAME, peft_keys
-
-    cfg = lora_folder_config(adapter, config, base_model_name_or_path=base_model_name_or_path)
-    tensors = peft_keys(adapter)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-    return Path(out)
+    """Writes a LoRA adapter tree as a PEFT folder, atomically, without needing the base model: every adapted
+    module is named in full in `target_modules`."""
+    names = sorted(dotted(p[:-1]) for p in flatten_params(adapter) if p[-1] == "lora_a")
+    cfg = peft_lora.peft_config_dict(adapter, config, base_model_name_or_path=base_model_name_or_path,
+                                     target_modules=names)
+    return peft_common.write_folder(out, cfg, peft_lora.peft_keys(adapter), overwrite=overwrite)
 
 
 def distance_to_weighted_sum(adapters: Sequence[Mapping], weights: Sequence[float], combined: Mapping) -> float:
@@ -264,8 +244,6 @@ def _load_base(name: str) -> tuple[Any, dict, Any]:
     """(model, params, tokenizer or None): merged/ gets the base's tokenizer when its folder has one."""
     from absl import logging
 
-    from jaxpeft.convert.load import from_pretrained, load_tokenizer_from, resolve_model_dir
-
     model, params, _ = from_pretrained(name, load_tokenizer=False)
     try:
         tokenizer = load_tokenizer_from(resolve_model_dir(name))
@@ -278,11 +256,6 @@ def _load_base(name: str) -> tuple[Any, dict, Any]:
 def _save_merged(adapter_dir: Path, out: Path, base_model: tuple[Any, dict, Any], dtype: str) -> None:
     """The base with the written adapter merged in, as an HF folder. The adapter goes through the public
     loader, so one that does not fit this base fails with its checks (module names and shapes)."""
-    from jaxpeft.convert.hf import save_hf_folder
-    from jaxpeft.convert.peft_io import load_peft_adapter
-    from jaxpeft.merge.unload import merge_and_unload
-    from jaxpeft.quant import dequantize_params
-
     model, params, tokenizer = base_model
     _, adapted, cfg = load_peft_adapter(adapter_dir, model, params)
     # A 4-bit base (a bitsandbytes folder) is written dense: fp32 before the cast to `dtype`.

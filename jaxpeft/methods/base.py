@@ -6,13 +6,13 @@ A method is a set of pure functions over the parameter tree:
 - `is_adapter(path, config)` says which leaves belong to the adapter (for split/combine and saving);
 - `is_trainable(path, config)` says which leaves the optimizer updates;
 - `merge`/`unmerge` fold the adapter into the base weights and back (where `mergeable`);
-- `to_peft`/`from_peft` convert to and from PEFT's on-disk format (where PEFT has one).
+- `save`/`load` write and read the adapter in its exchange format, through the format's own module
+  (`jaxpeft/convert/peft/` for PEFT's, `jaxpeft/convert/adapterhub.py`); formats never import methods.
 Capabilities (`mergeable`, `identity_at_init`) tell the shared contract tests what to expect.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar, Mapping
 
 import jax
@@ -53,12 +53,6 @@ class Method:
 
     def unmerge(self, merged: Mapping, adapter: Mapping, config: Any) -> dict:
         raise ConfigError(f"{self.name} cannot be merged, so there is nothing to unmerge")
-
-    def to_peft(self, params: Mapping, config: Any, **kw: Any) -> tuple[dict, dict]:
-        raise ConfigError(f"{self.name} has no PEFT format")
-
-    def from_peft(self, peft_config: Mapping, tensors: Mapping, params: Mapping) -> tuple[Any, dict]:
-        raise ConfigError(f"{self.name} has no PEFT format")
 
     def save(self, path: Any, params: Mapping, config: Any, *, model_config: Any, base_model_name_or_path: str,
              tokenizer: Any = None, overwrite: bool = False) -> None:
@@ -103,42 +97,7 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    import jaxpeft.methods  # noqa: F401  (registers the built-in methods)
-
+    """The registered method `name` (the built-in ones are registered by `import jaxpeft`)."""
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
     return METHODS[name]
-
-
-def replace(config: Any, **changes: Any) -> Any:
-    return dataclasses.replace(config, **changes)
-
-
-def method_of_folder(folder: Any) -> Method:
-    """The registered method that reads an adapter folder: PEFT folders by their `peft_type`, AdapterHub
-    folders (bottleneck adapters) by their layout. Raises a ConfigError saying what the folder is."""
-    from pathlib import Path
-
-    import jaxpeft.methods  # noqa: F401  (registers the built-in methods)
-    from jaxpeft.convert.peft_io import read_config_json
-
-    path = Path(folder) / "adapter_config.json"
-    raw = read_config_json(Path(folder), expect="an adapter folder (PEFT or AdapterHub); a full model folder is "
-                                                "loaded with --model / from_pretrained instead")
-    if "peft_type" in raw:
-        by_type = {m.peft_type: m for m in METHODS.values() if m.peft_type}
-        if raw["peft_type"] not in by_type:
-            raise ConfigError(f"{folder} holds a PEFT {raw['peft_type']!r} adapter; jaxpeft reads "
-                              f"{sorted(by_type)}.")
-        return by_type[raw["peft_type"]]
-    if isinstance(raw.get("config"), dict) and "model_class" in raw:
-        return get_method("adapters")
-    raise ConfigError(f"{path} is neither a PEFT adapter config (no peft_type) nor an AdapterHub one (no "
-                      "config/model_class); cannot tell which method wrote it.")
-
-
-def load_adapter(folder: Any, model: Any, params: Mapping) -> tuple[Method, Any, dict, Any]:
-    """Reads any adapter folder jaxpeft understands onto base `params`: (method, model, params, config)."""
-    method = method_of_folder(folder)
-    model, params, config = method.load(folder, model, params)
-    return method, model, params, config

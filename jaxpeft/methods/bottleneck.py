@@ -24,27 +24,29 @@ Parameter tree, per adapted layer i (A = attention_adapter or output_adapter):
 The activation is a key rather than a value so that it is static under jit (the eval model in a run is the
 base model, so the tree has to say everything). The init is the package's "mam_adapter" init. Bottleneck
 adapters change the computation, not the weights, so they cannot be merged. AdapterHub folders:
-`jaxpeft.convert.adapterhub`.
+`jaxpeft.convert.adapterhub` (the format), `save_adapterhub`/`load_adapterhub` below.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from pathlib import Path as FsPath
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.convert import adapterhub
+from jaxpeft.convert.adapterhub import (ACTIVATION_NAMES, LOCATIONS, activation_of, adapter_leaves, hidden_size_of,
+                                        layer_indices)
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.core.tree import Path, flatten_params, unflatten_params
-from jaxpeft.methods.base import Method, register
-from jaxpeft.models import ops
+from jaxpeft.methods.base import Method
+from jaxpeft.models import hooks, ops
 
-# Our key -> the package's module name in the decoder layer.
-LOCATIONS = {"attention_adapter": "attention_adapters", "output_adapter": "output_adapters"}
 TRAINABLE_MODULES = ("down", "up")
-FROZEN_LEAVES = ("scale", "input_residual", "output_residual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "sigmoid": jax.nn.sigmoid,
     "linear": lambda x: x,
 }
+if set(ACTIVATIONS) != set(ACTIVATION_NAMES):  # the format's list of names and the maths must agree
+    raise ImportError(f"bottleneck ACTIVATIONS {sorted(ACTIVATIONS)} != adapterhub.ACTIVATION_NAMES")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -158,41 +162,6 @@ def bottleneck_size(hidden_size: int, reduction_factor: float) -> int:
     return int(r)
 
 
-def package_bottleneck_size(hidden_size: int, reduction_factor: float) -> int:
-    """The package's own rule (floor, at least 1), for adapters it made with a non-dividing factor."""
-    return max(1, int(hidden_size // reduction_factor))
-
-
-def layer_indices(params: Mapping) -> list[int]:
-    """The decoder layers of a parameter tree (model/layers/<i>), in order."""
-    layers = params.get("model", {}).get("layers", {}) if isinstance(params, Mapping) else {}
-    return sorted(int(i) for i in layers)
-
-
-def hidden_size_of(params: Mapping) -> int:
-    layer = params["model"]["layers"][str(layer_indices(params)[0])]
-    return int(jnp.shape(layer["post_attention_layernorm"]["weight"])[0])
-
-
-def adapter_leaves(down_DxR: Any, down_R: Any, up_RxD: Any, up_D: Any, config: AdaptersConfig,
-                   dtype: Any = jnp.float32) -> dict:
-    """One adapter's subtree from its weights (Flax (in, out) layout) and the config's frozen numbers."""
-    leaves: dict[str, Any] = {
-        "down": {"kernel": jnp.asarray(down_DxR, dtype), "bias": jnp.asarray(down_R, dtype)},
-        "up": {"kernel": jnp.asarray(up_RxD, dtype), "bias": jnp.asarray(up_D, dtype)},
-        "activation": {config.activation: jnp.zeros((0,), jnp.float32)},
-    }
-    leaves.update({k: jnp.asarray(v, jnp.float32) for k, v in config.frozen_values().items()})
-    return leaves
-
-
-def activation_of(leaves: Mapping[str, Any]) -> str:
-    names = list(leaves["activation"])
-    if len(names) != 1 or names[0] not in ACTIVATIONS:
-        raise ValueError(f"a bottleneck adapter needs one activation key from {sorted(ACTIVATIONS)}; found {names}")
-    return names[0]
-
-
 def apply_bottleneck(out_BxSxD: jax.Array, residual_BxSxD: jax.Array, leaves: Mapping[str, Any], *, dtype: Any,
                      dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """The sublayer's output with its residual and the adapter: y of the module docstring, in `dtype`."""
@@ -262,18 +231,42 @@ class Adapters(Method):
 
     def save(self, path: Any, params: Mapping, config: AdaptersConfig, *, model_config: Any,
              base_model_name_or_path: str, tokenizer: Any = None, overwrite: bool = False) -> None:
-        from jaxpeft.convert.adapterhub import save_adapterhub
-
         save_adapterhub(path, params, config, model_config=model_config,
                         base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
 
     def load(self, path: Any, model: Any, params: Mapping) -> tuple[Any, dict, AdaptersConfig]:
-        from jaxpeft.convert.adapterhub import load_adapterhub
-
         return load_adapterhub(path, model, params)
 
     def model_kwargs(self, config: AdaptersConfig) -> dict[str, Any]:
         return {"dropout_rate": config.dropout}
 
 
-register(Adapters())
+# Where each adapter sits: the end of the attention sublayer and of the MLP sublayer.
+RESIDUAL_HOOKS = (hooks.ResidualHook(key="attention_adapter", site="attention", apply=apply_bottleneck),
+                  hooks.ResidualHook(key="output_adapter", site="mlp", apply=apply_bottleneck))
+
+
+def save_adapterhub(out_dir: str | os.PathLike, params: Mapping, config: AdaptersConfig, *, model_config: Any,
+                    base_model_name_or_path: str, overwrite: bool = False) -> FsPath:
+    """Writes the bottleneck adapter in `params` (base + adapter leaves) as a folder that the package's
+    `model.load_adapter(out_dir)` reads. The folder appears whole or not at all."""
+    adapterhub.check_saveable(params, config)
+    tensors = adapterhub.adapterhub_tensors(params, config)
+    cfg = adapterhub.adapterhub_config_dict(config, hidden_size=hidden_size_of(params),
+                                            model_type=model_config.model_type, model_name=base_model_name_or_path)
+    return adapterhub.write_folder(out_dir, cfg, tensors, overwrite=overwrite)
+
+
+def load_adapterhub(folder: str | os.PathLike, model: Any, params: Mapping, *, allow_pickle: bool = False,
+                    adapter_dtype: Any = jnp.float32) -> tuple[Any, dict, AdaptersConfig]:
+    """Reads an AdapterHub bottleneck adapter folder (ours or the package's) onto base `params`.
+
+    Returns (model with the adapter's dropout, params with the adapter leaves, AdaptersConfig).
+    `pytorch_adapter.bin` (a pickle) is read only with `allow_pickle=True`, through torch's weights-only loader.
+    """
+    folder = FsPath(folder)
+    raw = adapterhub.read_config(folder)
+    config = AdaptersConfig(**adapterhub.config_kwargs(raw))
+    tensors = adapterhub.read_adapter_tensors(folder, allow_pickle)
+    adapted = adapterhub.attach(params, config, raw, tensors, adapter_dtype)
+    return model.clone(dropout_rate=config.dropout), adapted, config

@@ -7,8 +7,10 @@ from typing import Any, Mapping
 
 import jax
 
+from jaxpeft.convert.hf import save_hf_folder
+from jaxpeft.convert.load import from_pretrained
 from jaxpeft.core.tree import Path
-from jaxpeft.methods.base import Method, register
+from jaxpeft.methods.base import Method
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -33,15 +35,9 @@ class Full(Method):
 
     def save(self, path: Any, params: Mapping, config: Any, *, model_config: Any, base_model_name_or_path: str,
              tokenizer: Any = None, overwrite: bool = False) -> None:
-        from jaxpeft.convert.hf import save_hf_folder
-
         save_hf_folder(path, params, model_config, tokenizer=tokenizer, overwrite=overwrite)
 
     def load(self, path: Any, model: Any, params: Mapping) -> tuple[Any, dict, Any]:
-        from jaxpeft.convert.load import from_pretrained
-
         loaded_model, loaded, _ = from_pretrained(str(path), dtype=model.dtype, load_tokenizer=False)
         return loaded_model, loaded, FullConfig()
 
-
-register(Full())

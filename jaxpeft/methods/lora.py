@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from pathlib import Path as FsPath
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.convert.peft import common as peft_common, lora as peft_lora
+from jaxpeft.convert.peft.lora import LORA_LEAVES
 from jaxpeft.core.errors import ConfigError, bullet_list
-from jaxpeft.core.targets import Targets, match_targets, name_matches, pattern_value
-from jaxpeft.core.tree import Path, dotted, flatten_params, unflatten_params
-from jaxpeft.models.ops import dense_kernel, lora_delta
-from jaxpeft.methods.base import Method, register
+from jaxpeft.core.targets import Targets, compact_targets, match_targets, name_matches, pattern_value
+from jaxpeft.core.tree import Path, dotted, flatten_params, kernel_shape, module_leaves, unflatten_params
+from jaxpeft.methods.base import Method
+from jaxpeft.models import hooks
+from jaxpeft.models.ops import dense_kernel
 
-LORA_LEAVES = ("lora_a", "lora_b", "lora_scale", "lora_magnitude")
 TRAINABLE_LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
 
 
@@ -89,10 +93,11 @@ class Lora(Method):
             raise ConfigError("these parameters already carry LoRA leaves; split them off (Lora().split) "
                               "or merge them before adding another LoRA")
         chosen = self.targets(params, config)
-        groups = {path: {k[-1]: v for k, v in flat.items() if k[:-1] == path} for path in chosen}
+        by_module = module_leaves(flat)
+        groups = {path: by_module[path] for path in chosen}
         too_big = []
         for path, leaves in groups.items():
-            in_dim, out_dim = _kernel_shape(leaves)
+            in_dim, out_dim = kernel_shape(leaves)
             if config.rank_for(dotted(path)) > min(in_dim, out_dim):
                 too_big.append(f"{dotted(path)}: rank {config.rank_for(dotted(path))} > min({in_dim}, {out_dim})")
         if too_big:
@@ -113,20 +118,11 @@ class Lora(Method):
     def is_added(self, path: Path, config: LoraConfig) -> bool:
         return path[-1] in LORA_LEAVES
 
-    def to_peft(self, params: Mapping, config: LoraConfig, **kw: Any) -> tuple[dict, dict]:
-        from jaxpeft.convert import peft_io
-
-        return peft_io.peft_config_dict(params, config, **kw), peft_io.peft_keys(params, config.modules_to_save)
-
     def save(self, path: Any, params: Mapping, config: LoraConfig, *, model_config: Any,
              base_model_name_or_path: str, tokenizer: Any = None, overwrite: bool = False) -> None:
-        from jaxpeft.convert.peft_io import save_peft_adapter
-
         save_peft_adapter(path, params, config, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
 
     def load(self, path: Any, model: Any, params: Mapping) -> tuple[Any, dict, LoraConfig]:
-        from jaxpeft.convert.peft_io import load_peft_adapter
-
         return load_peft_adapter(path, model, params)
 
     def model_kwargs(self, config: LoraConfig) -> dict[str, Any]:
@@ -140,9 +136,9 @@ class Lora(Method):
         """Recovers the base kernels from merged ones and the adapter that was merged in."""
         flat_a = flatten_params(adapter)
         flat = flatten_params(merged)
-        modules = {p[:-1] for p in flat_a if p[-1] == "lora_a"}
-        for module in modules:
-            leaves = {p[-1]: v for p, v in flat_a.items() if p[:-1] == module}
+        for module, leaves in module_leaves(flat_a).items():
+            if "lora_a" not in leaves:
+                continue
             w = flat[module + ("kernel",)]
             delta = _delta(leaves)
             if "lora_magnitude" in leaves:
@@ -154,15 +150,8 @@ class Lora(Method):
         return unflatten_params(flat)
 
 
-def _kernel_shape(leaves: Mapping[str, Any]) -> tuple[int, int]:
-    if "kernel" in leaves:
-        return tuple(leaves["kernel"].shape)  # type: ignore[return-value]
-    q = next(v for k, v in leaves.items() if k != "bias")
-    return tuple(q.shape)  # quantized kernels expose their logical (I, O) shape
-
-
 def _new_leaves(key: jax.Array, leaves: Mapping[str, Any], name: str, config: LoraConfig) -> dict[str, jax.Array]:
-    in_dim, out_dim = _kernel_shape(leaves)
+    in_dim, out_dim = kernel_shape(leaves)
     r = config.rank_for(name)
     if config.init_lora_weights == "gaussian":
         a = jax.random.normal(key, (in_dim, r), jnp.float32) / r
@@ -176,9 +165,39 @@ def _new_leaves(key: jax.Array, leaves: Mapping[str, Any], name: str, config: Lo
     return out
 
 
+def lora_delta(leaves: Mapping[str, Any], dtype: Any) -> jax.Array:
+    """The LoRA update of a module's kernel, scale · A B, as an (I, O) array of `dtype`."""
+    a_IxR = jnp.asarray(leaves["lora_a"]).astype(dtype)
+    b_RxO = jnp.asarray(leaves["lora_b"]).astype(dtype)
+    return (a_IxR @ b_RxO) * jnp.asarray(leaves["lora_scale"]).astype(dtype)
+
+
 def _delta(leaves: Mapping[str, Any]) -> jax.Array:
     """scale · A B in fp32, (I, O)."""
     return lora_delta(leaves, jnp.float32)
+
+
+def _add_lora(x: jax.Array, x_lora: jax.Array, y: jax.Array, leaves: Mapping[str, Any], dtype: Any,
+              dropped: bool) -> jax.Array:
+    """The linear op's LoRA stage: y + scale · (x A) B, or DoRA's rescaled output (PEFT's forward)."""
+    a_IxR = jnp.asarray(leaves["lora_a"]).astype(dtype)
+    b_RxO = jnp.asarray(leaves["lora_b"]).astype(dtype)
+    scale = jnp.asarray(leaves["lora_scale"]).astype(dtype)
+    lora = ((x_lora @ a_IxR) @ b_RxO) * scale
+    if "lora_magnitude" not in leaves:
+        return y + lora
+    # DoRA: magnitude / ||W + s·BA|| (norm over inputs, no gradient) rescales the output.
+    w_IxO = dense_kernel(leaves, dtype)
+    delta_IxO = lora_delta(leaves, dtype)
+    norm_O = jax.lax.stop_gradient(jnp.linalg.norm(w_IxO + jax.lax.stop_gradient(delta_IxO), axis=0))
+    mag_scale_O = jnp.asarray(leaves["lora_magnitude"]).astype(dtype) / norm_O
+    # With dropout PEFT recomputes the base term on the dropped input.
+    base = (x_lora @ w_IxO) if dropped else y
+    return y + (mag_scale_O - 1) * base + mag_scale_O * lora
+
+
+LINEAR_HOOK = hooks.LinearAdapter(name="lora", leaves=LORA_LEAVES, trigger="lora_a", add_to_output=_add_lora,
+                                  uses_dropout=True)
 
 
 def _merge_module(leaves: dict[str, Any]) -> dict[str, Any]:
@@ -194,12 +213,9 @@ def _merge_module(leaves: dict[str, Any]) -> dict[str, Any]:
 
 
 def _map_lora_modules(params: Mapping, fn) -> dict:
-    flat = flatten_params(params)
-    modules = {p[:-1] for p in flat if p[-1] == "lora_a"}
-    out = {p: v for p, v in flat.items() if p[:-1] not in modules}
-    for module in modules:
-        leaves = {p[-1]: v for p, v in flat.items() if p[:-1] == module}
-        out.update({module + (k,): v for k, v in fn(leaves).items()})
+    out = {}
+    for module, leaves in module_leaves(params).items():
+        out.update({module + (k,): v for k, v in (fn(leaves) if "lora_a" in leaves else leaves).items()})
     return unflatten_params(out)
 
 
@@ -217,4 +233,33 @@ def _check_modules_to_save(params: Mapping, modules_to_save: Sequence[str]) -> N
                           f"{sorted({n.split('.')[-1] for n in names})}")
 
 
-register(Lora())
+def save_peft_adapter(out_dir: str | os.PathLike, params: Mapping, config: LoraConfig, *,
+                      base_model_name_or_path: str, overwrite: bool = False) -> FsPath:
+    """Writes `params`' LoRA adapter as a PEFT folder that `peft.PeftModel.from_pretrained` loads.
+
+    `params` is the full tree (base + LoRA leaves, e.g. `Lora().combine(adapter, base)`); `config` the
+    LoraConfig it was made with. The folder appears whole or not at all.
+    """
+    peft_lora.check_saveable(params, config)
+    tensors = peft_lora.peft_keys(params, config.modules_to_save)
+    cfg = peft_lora.peft_config_dict(params, config, base_model_name_or_path=base_model_name_or_path)
+    return peft_common.write_folder(out_dir, cfg, tensors, overwrite=overwrite)
+
+
+def load_peft_adapter(folder: str | os.PathLike, model: Any, params: Mapping, *, adapter_dtype: Any = jnp.float32,
+                      allow_pickle: bool = False) -> tuple[Any, dict, LoraConfig]:
+    """Reads a PEFT LoRA folder (ours or peft's) onto base `params`: returns (model, params, LoraConfig).
+
+    The model is cloned with the adapter's dropout; params gain lora_a/lora_b/lora_scale (+ DoRA
+    lora_magnitude) leaves and the trained `modules_to_save` weights. `adapter_model.bin` (pickle) is
+    read only with `allow_pickle=True`.
+    """
+    folder = FsPath(folder)
+    config = LoraConfig(**peft_lora.config_kwargs(peft_common.read_config_json(folder)))
+    tensors = peft_common.read_tensors(folder, allow_pickle)
+    adapted = peft_lora.attach(params, config, tensors, adapter_dtype)
+    if not config.target_modules:  # null: PEFT's per-model default; name what the tensors adapt instead
+        chosen = peft_lora.lora_modules(flatten_params(adapted))
+        config = dataclasses.replace(config, target_modules=tuple(
+            compact_targets(params, chosen, config.layers_to_transform)))
+    return model.clone(dropout_rate=config.lora_dropout), adapted, config

@@ -24,11 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpeft.convert.peft import prompt_learning
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.core.tree import Path, flatten_params, unflatten_params
 from jaxpeft.methods import virtual_tokens as vt
-from jaxpeft.methods.base import Method, register
-from jaxpeft.models.llama import prefix_layers
+from jaxpeft.methods.base import Method
+from jaxpeft.models import hooks
 
 PREFIX_LEAVES = ("prefix_key", "prefix_value")
 ENCODER = "prefix_encoder"
@@ -112,20 +113,20 @@ class Prefix(Method):
             raise ConfigError(f"the prefixes hold {p} virtual tokens but the config says {config.num_virtual_tokens}; "
                               "pass the PrefixConfig the adapter was created with")
         embeddings = np.concatenate([np.asarray(x, np.float32) for kv in layers for x in kv], axis=1)
-        cfg = vt.peft_common(model_config, peft_type=self.peft_type, num_virtual_tokens=p,
+        cfg = prompt_learning.peft_common(model_config, peft_type=self.peft_type, num_virtual_tokens=p,
                              token_dim=model_config.kv_dim, heads=model_config.num_key_value_heads,
                              base_model_name_or_path=base_model_name_or_path)
         # The projection MLP is a training device: the folder holds its output, so PEFT must not rebuild it.
         cfg.update(prefix_projection=False, encoder_hidden_size=config.encoder_hidden_size or model_config.kv_dim,
                    modules_to_save=None)
-        vt.write_folder(path, cfg, embeddings, overwrite=overwrite)
+        prompt_learning.write_folder(path, cfg, embeddings, overwrite=overwrite)
 
     def load(self, path: Any, model: Any, params: Mapping) -> tuple[Any, dict, PrefixConfig]:
         """Reads a PEFT PREFIX_TUNING folder (ours or PEFT's, with or without prefix_projection) onto `params`."""
-        raw, emb = vt.read_folder(path, self.peft_type)
+        raw, emb = prompt_learning.read_folder(path, self.peft_type)
         c = model.config
         n, w = c.num_hidden_layers, c.kv_dim
-        vt.check_fits_model(path, {
+        prompt_learning.check_fits_model(path, {
             "num_layers": (raw.get("num_layers"), n),
             "token_dim (kv heads x head dim)": (raw.get("token_dim"), w),
             "num_attention_heads (kv heads)": (raw.get("num_attention_heads"), c.num_key_value_heads),
@@ -142,4 +143,60 @@ class Prefix(Method):
         return model, unflatten_params(flat), config
 
 
-register(Prefix())
+
+def prefix_source(params: Any) -> jax.Array | None:
+    """The leaf whose first axis is prefix tuning's P: the `prefix_encoder` embedding or layer 0's
+    `prefix_key`; None when the parameters carry no prefix."""
+    if ENCODER in params:
+        return params[ENCODER]["embedding"]
+    attn = params.get("model", {}).get("layers", {}).get("0", {}).get("self_attn", {})
+    return attn.get("prefix_key")
+
+
+def prefix_projection(encoder: Any) -> jax.Array:
+    """PEFT's prefix reparameterisation, Embedding -> Linear -> Tanh -> Linear, in fp32: the (P, L*2*K*E)
+    prefixes from `embedding` (P, K*E), `transform_0` (K*E -> H') and `transform_2` (H' -> L*2*K*E)."""
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    t0, t2 = encoder["transform_0"], encoder["transform_2"]
+    h = jnp.tanh(f32(encoder["embedding"]) @ f32(t0["kernel"]) + f32(t0["bias"]))
+    return h @ f32(t2["kernel"]) + f32(t2["bias"])
+
+
+def prefix_layers(params: Any, config: Any) -> list[tuple[jax.Array, jax.Array]]:
+    """Prefix tuning's (key, value) prefixes per layer, each (P, K*E): the `prefix_key`/`prefix_value` leaves
+    of every layer's self_attn, or the `prefix_encoder` output split as PEFT lays it out (column block 2l is
+    layer l's keys, 2l+1 its values)."""
+    n, w = config.num_hidden_layers, config.kv_dim
+    if ENCODER in params:
+        flat = prefix_projection(params[ENCODER])
+        if flat.shape[1] != 2 * n * w:
+            raise ValueError(f"prefix_encoder gives {flat.shape[1]} columns; this model needs 2 x {n} layers x "
+                             f"{w} (kv heads x head dim) = {2 * n * w}")
+        return [(flat[:, 2 * i * w:(2 * i + 1) * w], flat[:, (2 * i + 1) * w:(2 * i + 2) * w]) for i in range(n)]
+    layers = params["model"]["layers"]
+    attn = [layers[str(i)]["self_attn"] for i in range(n)]
+    if "prefix_key" not in attn[0]:
+        raise ValueError("the parameters carry no prefix (model/layers/0/self_attn/prefix_key or prefix_encoder)")
+    want = (jnp.shape(attn[0]["prefix_key"])[0], w)
+    shapes = [tuple(jnp.shape(a[k])) if k in a else None for a in attn for k in PREFIX_LEAVES]
+    bad = [f"layer {i // 2} {('key', 'value')[i % 2]}: {got}" for i, got in enumerate(shapes) if got != want]
+    if bad:
+        raise ValueError(f"prefix tuning needs prefix_key and prefix_value of shape {want} in every layer; found "
+                         f"{bad}")
+    return [(a["prefix_key"], a["prefix_value"]) for a in attn]
+
+
+def _count(params: Mapping) -> int:
+    source = prefix_source(params)
+    return 0 if source is None else int(source.shape[0])
+
+
+def _layer_kv(params: Mapping, config: Any, run_embeddings: Any) -> list[hooks.LayerKV]:
+    """The prefixes as they are (not rotated: PEFT passes them as past keys), reshaped to (P, K, E)."""
+    del run_embeddings
+    k, e = config.num_key_value_heads, config.head_dim
+    return [(key.reshape(-1, k, e), value.reshape(-1, k, e)) for key, value in prefix_layers(params, config)]
+
+
+VIRTUAL_SOURCE = hooks.VirtualTokenSource(name="prefix", description="prefix tuning", count=_count,
+                                          layer_kv=_layer_kv, top_keys=(ENCODER,), attention_leaves=PREFIX_LEAVES)

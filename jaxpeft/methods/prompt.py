@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpeft.convert.peft import prompt_learning
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.core.tree import Path
 from jaxpeft.methods import virtual_tokens as vt
-from jaxpeft.methods.base import Method, register
+from jaxpeft.methods.base import Method
+from jaxpeft.models import hooks
 
 INITS = ("random", "text", "vocab")
 _PEFT_INIT = {"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}
@@ -111,7 +113,7 @@ class Prompt(Method):
         if tuple(emb.shape) != want:
             raise ConfigError(f"prompt/embeddings has shape {tuple(emb.shape)} but the config and model need {want}; "
                               "pass the PromptConfig the adapter was created with")
-        cfg = vt.peft_common(model_config, peft_type=self.peft_type, num_virtual_tokens=config.num_virtual_tokens,
+        cfg = prompt_learning.peft_common(model_config, peft_type=self.peft_type, num_virtual_tokens=config.num_virtual_tokens,
                              token_dim=model_config.hidden_size, heads=model_config.num_attention_heads,
                              base_model_name_or_path=base_model_name_or_path)
         # PEFT rebuilds a TEXT init from tokenizer_name_or_path only when it trains the adapter further, but its
@@ -122,13 +124,13 @@ class Prompt(Method):
         cfg.update(prompt_tuning_init=_PEFT_INIT[init], modules_to_save=None,
                    prompt_tuning_init_text=config.init_text if text else None,
                    tokenizer_name_or_path=base_model_name_or_path if text else None)
-        vt.write_folder(path, cfg, np.asarray(emb, np.float32), overwrite=overwrite)
+        prompt_learning.write_folder(path, cfg, np.asarray(emb, np.float32), overwrite=overwrite)
 
     def load(self, path: Any, model: Any, params: Mapping) -> tuple[Any, dict, PromptConfig]:
         """Reads a PEFT PROMPT_TUNING folder (ours or PEFT's) onto `params`."""
-        raw, emb = vt.read_folder(path, self.peft_type)
+        raw, emb = prompt_learning.read_folder(path, self.peft_type)
         c = model.config
-        vt.check_fits_model(path, {
+        prompt_learning.check_fits_model(path, {
             "token_dim (hidden size)": (raw.get("token_dim"), c.hidden_size),
             "prompt_embeddings shape": (tuple(emb.shape), (raw.get("num_virtual_tokens", emb.shape[0]),
                                                             c.hidden_size)),
@@ -144,4 +146,17 @@ class Prompt(Method):
         return model, {**params, "prompt": {"embeddings": jnp.asarray(emb)}}, config
 
 
-register(Prompt())
+
+def _count(params: Mapping) -> int:
+    return int(params["prompt"]["embeddings"].shape[0]) if "prompt" in params else 0
+
+
+def _layer_kv(params: Mapping, config: Any, run_embeddings: Any) -> list[hooks.LayerKV]:
+    """The virtual tokens attend only to each other, so one pass over them alone (positions 0..P-1) gives
+    their keys and values for every row."""
+    del config
+    return run_embeddings(params["prompt"]["embeddings"])
+
+
+VIRTUAL_SOURCE = hooks.VirtualTokenSource(name="prompt", description="prompt tuning (prompt/embeddings)",
+                                          count=_count, layer_kv=_layer_kv, top_keys=("prompt",))

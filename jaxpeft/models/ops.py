@@ -4,11 +4,9 @@ Shape legend: B batch, S query length, T key length, D model width, H query head
 G = H // K query heads per kv head, E head dim, I in features, O out features, R LoRA rank, F rope freqs.
 
 `linear` is the single place a weight meets an activation. It reads a module's leaves (a dict):
-`kernel` (I, O) or a quantized kernel under `qkernel`; optional `bias` (O,); optional LoRA leaves
-`lora_a` (I, R), `lora_b` (R, O), `lora_scale` (), and the DoRA `lora_magnitude` (O,); optional IA3
-scales `ia3_in` (I,) (multiplies the input) and `ia3_out` (O,) (multiplies the output, bias included,
-as PEFT does). Any other leaf is an error, so an adapter the op does not understand can never be
-silently ignored.
+`kernel` (I, O) or a quantized kernel under `qkernel`; optional `bias` (O,); and the leaves of any
+registered linear adapter (`hooks.LinearAdapter`: e.g. LoRA's, IA3's). Any other leaf is an error, so
+an adapter the op does not understand can never be silently ignored.
 """
 
 from __future__ import annotations
@@ -18,15 +16,14 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.models import hooks
+
 # Readers that turn a non-dense kernel leaf into a dense (I, O) array of the compute dtype; later
 # issues register theirs (NF4: "qkernel").
 KERNEL_READERS: dict[str, Callable[[Any, Any], jax.Array]] = {}
 # Matmul implementations for non-dense kernels: (x, kernel_leaf, dtype) -> x @ W. Optional: without
 # one the kernel is densified through KERNEL_READERS.
 KERNEL_MATMULS: dict[str, Callable[[jax.Array, Any, Any], jax.Array]] = {}
-
-_LORA_KEYS = {"lora_a", "lora_b", "lora_scale", "lora_magnitude"}
-_IA3_KEYS = {"ia3_in", "ia3_out"}
 
 
 def dense_kernel(leaves: Mapping[str, Any], dtype: Any) -> jax.Array:
@@ -55,48 +52,29 @@ def linear(
     dtype: Any = jnp.float32,
     dropout: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
-    """y = x W (+ b), plus whatever adapter the leaves carry (LoRA, DoRA, IA3). `dropout` acts on the LoRA path."""
-    known = {"kernel", "bias", *KERNEL_READERS, *_LORA_KEYS, *_IA3_KEYS}
+    """y = x W (+ b), with whatever registered adapters the leaves carry (`hooks.LinearAdapter`: LoRA/DoRA,
+    IA3, ...). `dropout` acts on the input of the adapters that use it."""
+    known = {"kernel", "bias", *KERNEL_READERS, *hooks.linear_leaf_names()}
     unknown = sorted(set(leaves) - known)
     if unknown:
-        raise ValueError(f"linear got leaves it does not understand: {unknown} (known: {sorted(known)})")
+        raise ValueError(f"linear got leaves it does not understand: {unknown} (known: {sorted(known)}); an adapter's "
+                         "leaves are honoured once its method has registered a hooks.LinearAdapter for them")
+    active = hooks.active_linear(leaves)
     x = x_BxI.astype(dtype)
-    if "ia3_in" in leaves:  # PEFT: scale in the vector's dtype (fp32), then back to the compute dtype
-        x = (x * jnp.asarray(leaves["ia3_in"])).astype(dtype)
+    for hook in active:
+        if hook.scale_input is not None:
+            x = hook.scale_input(x, leaves, dtype)
     y = _base_matmul(x, leaves, dtype)
-    if "lora_a" in leaves:
-        a_IxR = jnp.asarray(leaves["lora_a"]).astype(dtype)
-        b_RxO = jnp.asarray(leaves["lora_b"]).astype(dtype)
-        scale = jnp.asarray(leaves["lora_scale"]).astype(dtype)
-        x_lora = dropout(x) if dropout is not None else x
-        lora = ((x_lora @ a_IxR) @ b_RxO) * scale
-        if "lora_magnitude" in leaves:
-            y = _dora(x, x_lora, y, lora, leaves, dtype, dropout is not None)
-        else:
-            y = y + lora
+    x_dropped = dropout(x) if dropout is not None else x
+    for hook in active:
+        if hook.add_to_output is not None:
+            y = hook.add_to_output(x, x_dropped, y, leaves, dtype, dropout is not None)
     if "bias" in leaves:
         y = y + jnp.asarray(leaves["bias"]).astype(dtype)
-    if "ia3_out" in leaves:
-        y = (y * jnp.asarray(leaves["ia3_out"])).astype(dtype)
+    for hook in active:
+        if hook.scale_output is not None:
+            y = hook.scale_output(y, leaves, dtype)
     return y
-
-
-def lora_delta(leaves: Mapping[str, Any], dtype: Any) -> jax.Array:
-    """The LoRA update of a module's kernel, scale · A B, as an (I, O) array of `dtype`."""
-    a_IxR = jnp.asarray(leaves["lora_a"]).astype(dtype)
-    b_RxO = jnp.asarray(leaves["lora_b"]).astype(dtype)
-    return (a_IxR @ b_RxO) * jnp.asarray(leaves["lora_scale"]).astype(dtype)
-
-
-def _dora(x, x_lora, y, lora, leaves, dtype, has_dropout):
-    """DoRA as PEFT computes it: magnitude / ||W + s·BA|| (norm over inputs, no gradient) rescales the output."""
-    w_IxO = dense_kernel(leaves, dtype)
-    delta_IxO = lora_delta(leaves, dtype)
-    norm_O = jax.lax.stop_gradient(jnp.linalg.norm(w_IxO + jax.lax.stop_gradient(delta_IxO), axis=0))
-    mag_scale_O = jnp.asarray(leaves["lora_magnitude"]).astype(dtype) / norm_O
-    # With dropout PEFT recomputes the base term on the dropped input.
-    base = (x_lora @ w_IxO) if has_dropout else y
-    return y + (mag_scale_O - 1) * base + mag_scale_O * lora
 
 
 def rms_norm(x_BxSxD: jax.Array, weight_D: jax.Array, eps: float, dtype: Any) -> jax.Array:

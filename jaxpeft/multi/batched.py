@@ -28,7 +28,7 @@ import numpy as np
 from jaxpeft.core import partition
 from jaxpeft.core.errors import ConfigError
 from jaxpeft.models.generate import SamplingConfig, decode_loop, left_pad
-from jaxpeft.models.llama import init_cache
+from jaxpeft.models.causal_lm import init_cache
 from jaxpeft.multi.stack import gather_rows, stack_adapters
 
 BASE = "__base__"  # the slot of rows that use no adapter (PEFT's name for it in mixed batches)

@@ -29,7 +29,9 @@ import jax.numpy as jnp
 from jaxpeft.core import partition
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.core.tree import flatten_params
-from jaxpeft.methods.lora import LORA_LEAVES, Lora, LoraConfig
+from jaxpeft.merge.unload import merge_and_unload
+from jaxpeft.methods.lora import LORA_LEAVES, Lora, LoraConfig, load_peft_adapter
+from jaxpeft.models.generate import generate
 from jaxpeft.multi import batched
 from jaxpeft.multi.stack import sum_adapters
 
@@ -88,8 +90,6 @@ class AdapterRegistry:
 
     def load(self, name: str, folder: str | os.PathLike) -> LoraConfig:
         """Reads a PEFT LoRA folder (ours or peft's) onto the base and holds it as `name`."""
-        from jaxpeft.convert.peft_io import load_peft_adapter
-
         _, params, config = load_peft_adapter(folder, self.model, self.base)
         self.add(name, params, config)
         return config
@@ -139,14 +139,10 @@ class AdapterRegistry:
 
     def generate(self, prompts: Sequence[Sequence[int]], **kw: Any) -> list[list[int]]:
         """`models.generate.generate` with the active adapters (same keyword arguments)."""
-        from jaxpeft.models.generate import generate
-
         return generate(self.model, self.params(), prompts, **kw)
 
     def merge_and_unload(self) -> dict:
         """A plain tree with the active adapters folded into the kernels (the base tree is untouched)."""
-        from jaxpeft.merge.unload import merge_and_unload
-
         if not self._active:
             return dict(self.base)
         config = self._adapters[self._active[0]][1] if len(self._active) == 1 else None

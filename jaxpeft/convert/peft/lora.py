@@ -1,4 +1,6 @@
-"""LoRA adapters <-> Hugging Face PEFT adapter folders (peft's `save_pretrained` / `PeftModel.from_pretrained`).
+"""LoRA adapters <-> Hugging Face PEFT adapter folders (peft's `save_pretrained` / `PeftModel.from_pretrained`):
+the format only. `jaxpeft.methods.lora` (save_peft_adapter / load_peft_adapter) calls it; it never imports
+the method back: the config it reads and writes is any object with LoraConfig's fields.
 
 A folder holds `adapter_config.json` (sorted keys, only fields that old PEFT versions know) and
 `adapter_model.safetensors` (metadata {"format": "pt"}, fp32) with, for each adapted module M:
@@ -12,29 +14,25 @@ falls back to its per-model default and silently ignores the other saved weights
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.convert.hf import hf_name_to_path, params_to_hf, read_safetensors
-from jaxpeft.core.atomic import atomic_dir
+from jaxpeft.convert.hf import hf_name_to_path, params_to_hf
+from jaxpeft.convert.peft.common import PREFIX, f32 as _f32
 from jaxpeft.core.errors import CheckpointError, ConfigError, bullet_list
 from jaxpeft.core.targets import LINEAR_KERNELS, compact_targets, linear_modules, match_targets, name_matches
-from jaxpeft.core.tree import Path as TreePath, dotted, flatten_params, unflatten_params
-from jaxpeft.methods.lora import LORA_LEAVES, LoraConfig
+from jaxpeft.core.tree import Path as TreePath, dotted, flatten_params, kernel_shape, module_leaves, unflatten_params
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
+# The leaves of a LoRA adapter beside the kernel W (I, O) they adapt: lora_a (I, R), lora_b (R, O),
+# lora_scale (), and DoRA's lora_magnitude (O,).
+LORA_LEAVES = ("lora_a", "lora_b", "lora_scale", "lora_magnitude")
+LoraConfig = Any  # an object with jaxpeft.methods.lora.LoraConfig's fields (the format does not import methods)
 SUPPORTED_PEFT_TYPES = ("LORA",)
 _A, _B, _M = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
+A_KEY, B_KEY, M_KEY = _A, _B, _M
 _LAYERS_PATTERNS = (None, "layers", ["layers"])
 # PEFT LoraConfig fields that change what the adapter computes and that jaxpeft does not implement:
 # field -> (value(s) meaning "off", what it is). Anything else (velora, runtime_config, ...) is inert here.
@@ -60,7 +58,7 @@ def peft_keys(params: Mapping, modules_to_save: tuple[str, ...] = ()) -> dict[st
     """The PEFT adapter tensors (fp32, torch layout, PEFT key names) of a tree that carries LoRA leaves."""
     flat = flatten_params(params)
     out: dict[str, np.ndarray] = {}
-    for module in _lora_modules(flat):
+    for module in lora_modules(flat):
         name = PREFIX + dotted(module)
         out[name + _A] = _f32(flat[module + ("lora_a",)]).T
         out[name + _B] = _f32(flat[module + ("lora_b",)]).T
@@ -71,10 +69,14 @@ def peft_keys(params: Mapping, modules_to_save: tuple[str, ...] = ()) -> dict[st
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def peft_config_dict(params: Mapping, config: LoraConfig, *, base_model_name_or_path: str) -> dict[str, Any]:
-    """The adapter_config.json contents: an explicit target list and only keys old PEFT versions know."""
+def peft_config_dict(params: Mapping, config: LoraConfig, *, base_model_name_or_path: str,
+                     target_modules: list[str] | None = None) -> dict[str, Any]:
+    """The adapter_config.json contents: an explicit target list and only keys old PEFT versions know.
+
+    `target_modules` (e.g. every adapted module's full name, for an adapter written without its base)
+    replaces the shortest list of suffixes that selects exactly the adapted modules of `params`."""
     flat = flatten_params(params)
-    modules = _lora_modules(flat)
+    modules = lora_modules(flat)
     base = unflatten_params({p: v for p, v in flat.items() if p[-1] not in LORA_LEAVES})
     alpha = float(config.lora_alpha)
     ltt = config.layers_to_transform
@@ -83,7 +85,7 @@ def peft_config_dict(params: Mapping, config: LoraConfig, *, base_model_name_or_
         "lora_alpha": int(alpha) if alpha.is_integer() else alpha, "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora, "use_dora": config.use_dora, "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": "gaussian" if config.init_lora_weights == "gaussian" else True,
-        "target_modules": compact_targets(base, modules, ltt),
+        "target_modules": compact_targets(base, modules, ltt) if target_modules is None else target_modules,
         "layers_to_transform": list(ltt) if ltt is not None else None,
         "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
         "modules_to_save": list(config.modules_to_save) or None,
@@ -91,46 +93,9 @@ def peft_config_dict(params: Mapping, config: LoraConfig, *, base_model_name_or_
     }
 
 
-def save_peft_adapter(out_dir: str | os.PathLike, params: Mapping, config: LoraConfig, *,
-                      base_model_name_or_path: str, overwrite: bool = False) -> Path:
-    """Writes `params`' LoRA adapter as a PEFT folder that `peft.PeftModel.from_pretrained` loads.
-
-    `params` is the full tree (base + LoRA leaves, e.g. `Lora().combine(adapter, base)`); `config` the
-    LoraConfig it was made with. The folder appears whole or not at all.
-    """
-    _check_saveable(params, config)
-    tensors = peft_keys(params, config.modules_to_save)
-    cfg = peft_config_dict(params, config, base_model_name_or_path=base_model_name_or_path)
-    from safetensors.numpy import save_file
-
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-    return Path(out_dir)
-
-
-def load_peft_adapter(folder: str | os.PathLike, model: Any, params: Mapping, *, adapter_dtype: Any = jnp.float32,
-                      allow_pickle: bool = False) -> tuple[Any, dict, LoraConfig]:
-    """Reads a PEFT LoRA folder (ours or peft's) onto base `params`: returns (model, params, LoraConfig).
-
-    The model is cloned with the adapter's dropout; params gain lora_a/lora_b/lora_scale (+ DoRA
-    lora_magnitude) leaves and the trained `modules_to_save` weights. `adapter_model.bin` (pickle) is
-    read only with `allow_pickle=True`.
-    """
-    folder = Path(folder)
-    raw = read_config_json(folder)
-    config = config_from_peft(raw)
-    tensors = _read_tensors(folder, allow_pickle)
-    adapted = _attach(params, config, tensors, adapter_dtype)
-    if not config.target_modules:  # null: PEFT's per-model default; name what the tensors adapt instead
-        chosen = _lora_modules(flatten_params(adapted))
-        config = dataclasses.replace(config, target_modules=tuple(
-            compact_targets(params, chosen, config.layers_to_transform)))
-    return model.clone(dropout_rate=config.lora_dropout), adapted, config
-
-
-def config_from_peft(raw: Mapping[str, Any]) -> LoraConfig:
-    """A LoraConfig from adapter_config.json contents; one error lists every option jaxpeft cannot honour."""
+def config_kwargs(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """LoraConfig's keyword arguments from adapter_config.json contents; one error lists every option jaxpeft
+    cannot honour."""
     ptype = raw.get("peft_type")
     if ptype not in SUPPORTED_PEFT_TYPES:
         raise ConfigError(f"the adapter's peft_type is {ptype!r}; load_peft_adapter reads {list(SUPPORTED_PEFT_TYPES)} "
@@ -148,7 +113,7 @@ def config_from_peft(raw: Mapping[str, Any]) -> LoraConfig:
                           + "\nRetrain or re-export the adapter without them.")
     targets = raw.get("target_modules")
     ltt = raw.get("layers_to_transform")
-    return LoraConfig(
+    return dict(
         r=int(raw.get("r", 8)), lora_alpha=float(raw.get("lora_alpha", 8)),
         lora_dropout=float(raw.get("lora_dropout") or 0.0),
         target_modules=targets if isinstance(targets, str) else tuple(sorted(targets or ())),
@@ -161,58 +126,23 @@ def config_from_peft(raw: Mapping[str, Any]) -> LoraConfig:
     )
 
 
-def read_config_json(folder: Path, name: str = CONFIG_NAME, *,
-                     expect: str = "a PEFT adapter folder (a second adapter saved alongside sits in "
-                                   "<folder>/<adapter name>/)") -> dict:
-    """The JSON object in `folder/name`; a missing folder/file or bad JSON is a CheckpointError saying what
-    was found and what to pass instead (`expect`)."""
-    if not folder.is_dir():
-        raise CheckpointError(f"adapter folder {folder} does not exist; pass the folder that holds {name}.")
-    path = folder / name
-    if not path.exists():
-        found = sorted(p.name for p in folder.iterdir())
-        raise CheckpointError(f"{folder} has no {name} (found {found or 'nothing'}); pass {expect}.")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); export the adapter again.") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not an object; export the adapter again.")
-    return raw
-
-
-def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
-    if (folder / WEIGHTS_NAME).exists():
-        return read_safetensors(folder / WEIGHTS_NAME)
-    if (folder / PICKLE_NAME).exists():
-        if not allow_pickle:
-            raise CheckpointError(f"{folder} holds only {PICKLE_NAME}, a pickle file that can run code when loaded. "
-                                  "Convert it to safetensors, or pass allow_pickle=True if you trust its source.")
-        import torch
-
-        state = torch.load(folder / PICKLE_NAME, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() for k, v in state.items()}
-    raise CheckpointError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME} (or {PICKLE_NAME}); "
-                          "copy the complete adapter folder.")
-
-
-def _attach(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray], dtype: Any) -> dict:
+def attach(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray], dtype: Any) -> dict:
     """Params with the adapter's tensors attached; one CheckpointError lists every key that does not fit."""
     flat = flatten_params(params)
     if any(p[-1] in LORA_LEAVES for p in flat):
         raise ConfigError("these parameters already carry LoRA leaves; load the adapter onto the base parameters "
                           "(Lora().split(...)[1]) or merge the other adapter first")
     linear = linear_modules(params)
+    by_module = module_leaves(flat)
     groups: dict[str, dict[str, np.ndarray]] = {}
     saved: dict[str, np.ndarray] = {}
     lacking, unknown, shapes = [], [], []
     for key, value in sorted(tensors.items()):
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else None
-        kind = next((s for s in (_A, _B, _M, _M + ".weight") if name and name.endswith(s)), None)
+        name, module, kind = parse_key(key)
         if name is None:
             unknown.append(f"{key}: not under {PREFIX!r}")
         elif kind is not None:
-            groups.setdefault(name[: -len(kind)], {})[kind[:len(_M)] if kind.startswith(_M) else kind] = value
+            groups.setdefault(module, {})[kind] = value
         elif name_matches(name.rsplit(".", 1)[0], list(config.modules_to_save)):
             saved[name] = value
         else:
@@ -221,7 +151,7 @@ def _attach(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarra
         if name not in linear:
             lacking.append(name)
             continue
-        in_dim, out_dim = _kernel_shape(flat, linear[name])
+        in_dim, out_dim = kernel_shape(by_module[linear[name]])
         a, b, m = g.get(_A), g.get(_B), g.get(_M)
         if a is None or b is None:
             unknown.append(f"{name}: has only {sorted(g)}; needs both lora_A and lora_B")
@@ -253,17 +183,31 @@ def _attach(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarra
                else "The adapter's config and tensors disagree; export the adapter again.")
         raise CheckpointError(f"the adapter's tensors do not fit this model:\n{bullet_list(problems)}\n{fix}")
     for name, g in groups.items():
-        path = linear[name]
-        flat[path + ("lora_a",)] = jnp.asarray(g[_A].T, dtype)
-        flat[path + ("lora_b",)] = jnp.asarray(g[_B].T, dtype)
         # scale_for uses the config's rank, which equals the tensors' rank (checked above).
-        flat[path + ("lora_scale",)] = jnp.asarray(config.scale_for(name), jnp.float32)
-        if _M in g:
-            flat[path + ("lora_magnitude",)] = jnp.asarray(g[_M], dtype)
+        flat.update({linear[name] + (k,): v for k, v in lora_leaves(g, config.scale_for(name), dtype).items()})
     for name, value in saved.items():
         path, leaf = hf_name_to_path(name, value.ndim)
         flat[path + (leaf,)] = jnp.asarray(value.T if leaf == "kernel" else value, flat[path + (leaf,)].dtype)
     return unflatten_params(flat)
+
+
+def parse_key(key: str) -> tuple[str | None, str | None, str | None]:
+    """(the name under base_model.model., the module it adapts, which LoRA tensor: A_KEY/B_KEY/M_KEY) of a
+    tensor key; (None, None, None) outside the prefix, (name, None, None) for a non-LoRA tensor."""
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else None
+    kind = next((s for s in (_A, _B, _M, _M + ".weight") if name and name.endswith(s)), None)
+    if name is None or kind is None:
+        return name, None, None
+    return name, name[: -len(kind)], kind[:len(_M)] if kind.startswith(_M) else kind
+
+
+def lora_leaves(group: Mapping[str, np.ndarray], scale: float, dtype: Any) -> dict[str, Any]:
+    """A module's tree leaves from its PEFT tensors (keyed A_KEY, B_KEY and, for DoRA, M_KEY)."""
+    out = {"lora_a": jnp.asarray(group[_A].T, dtype), "lora_b": jnp.asarray(group[_B].T, dtype),
+           "lora_scale": jnp.asarray(scale, jnp.float32)}
+    if _M in group:
+        out["lora_magnitude"] = jnp.asarray(group[_M], dtype)
+    return out
 
 
 def _coverage(params: Mapping, config: LoraConfig, groups: Mapping, saved: Mapping, linear: set[str]) -> list[str]:
@@ -284,15 +228,16 @@ def _coverage(params: Mapping, config: LoraConfig, groups: Mapping, saved: Mappi
     return out
 
 
-def _check_saveable(params: Mapping, config: LoraConfig) -> None:
+def check_saveable(params: Mapping, config: LoraConfig) -> None:
     flat = flatten_params(params)
-    modules = _lora_modules(flat)
+    modules = lora_modules(flat)
+    by_module = module_leaves(flat)
     if not modules:
         raise ConfigError("the parameters carry no LoRA leaves (lora_a/lora_b); pass the full tree with the "
                           "adapter, e.g. Lora().combine(adapter, base), or run Lora().init first")
     problems = []
     for module in modules:
-        name, leaves = dotted(module), {p[-1]: v for p, v in flat.items() if p[:-1] == module}
+        name, leaves = dotted(module), by_module[module]
         if not any(k in leaves for k in LINEAR_KERNELS):
             problems.append(f"{name}: no base kernel beside the LoRA leaves; pass base + adapter together")
         r = int(np.shape(leaves["lora_a"])[1])
@@ -311,18 +256,9 @@ def _check_saveable(params: Mapping, config: LoraConfig) -> None:
                           + bullet_list(problems) + "\nPass the LoraConfig the adapter was created with.")
 
 
-def _lora_modules(flat: Mapping[TreePath, Any]) -> list[TreePath]:
+def lora_modules(flat: Mapping[TreePath, Any]) -> list[TreePath]:
     return sorted(p[:-1] for p in flat if p[-1] == "lora_a")
-
-
-def _kernel_shape(flat: Mapping[TreePath, Any], module: TreePath) -> tuple[int, int]:
-    kernel = next(flat[module + (k,)] for k in LINEAR_KERNELS if module + (k,) in flat)
-    return tuple(kernel.shape)  # type: ignore[return-value]  # quantized kernels expose their (I, O) shape
 
 
 def _is_saved(path: TreePath, modules_to_save: tuple[str, ...]) -> bool:
     return bool(modules_to_save) and name_matches(dotted(path[:-1]), list(modules_to_save))
-
-
-def _f32(x: Any) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32)

@@ -1,0 +1,1 @@
+"""Hugging Face PEFT adapter folders: LoRA, IA3 and prompt learning (prefix and prompt tuning)."""
