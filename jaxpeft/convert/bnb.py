@@ -17,7 +17,7 @@ quantization, nested_blocksize (256), nested_dtype ("float32"), nested_offset (t
 as a Python float). Every other tensor (embeddings, norms, lm_head) is stored dense, as usual, and
 config.json carries transformers' `quantization_config` (`quant_method: "bitsandbytes"`).
 
-A `Quantized4bit` holds exactly these bytes, so export and import copy codes and statistics unchanged;
+A 4-bit kernel (`quant.nf4`) holds exactly these bytes, so export and import copy codes and statistics unchanged;
 dequantized weights equal `bitsandbytes.functional.dequantize_4bit` bit for bit. Importing needs no
 torch or bitsandbytes (safetensors is read with numpy).
 """
@@ -96,7 +96,7 @@ def bnb_state_dict(params: Mapping, dtype: str = "float32") -> dict[str, np.ndar
         raise ConfigError("these parameters hold no quantized kernels (`qkernel`); quantize them first "
                           "(jaxpeft.quant.quantize_params) or save a dense folder with save_hf_folder.")
     bad = [f"{dotted(m)}: shape {q.shape}, transposed={q.transposed}" for m, q in quantized.items()
-           if not (isinstance(q, nf4.Quantized4bit) and q.transposed and q.ndim == 2)]
+           if not nf4.is_4bit_kernel(q)]
     formats = sorted({(q.quant_type, q.double_quant) for q in quantized.values()})
     if bad or len(formats) > 1:
         raise ConfigError(
@@ -110,7 +110,8 @@ def bnb_state_dict(params: Mapping, dtype: str = "float32") -> dict[str, np.ndar
     return state
 
 
-def _quant_tensors(name: str, q: nf4.Quantized4bit) -> dict[str, np.ndarray]:
+def _quant_tensors(name: str, q: Any) -> dict[str, np.ndarray]:
+    """The bitsandbytes tensors of one 4-bit kernel (`nf4.is_4bit_kernel`) named `name`."""
     out = {f"{name}.weight": np.asarray(q.packed, np.uint8).reshape(-1, 1),
            f"{name}.weight.absmax": np.asarray(q.absmax, np.uint8 if q.double_quant else np.float32),
            f"{name}.weight.quant_map": nf4.CODES[q.quant_type].astype(np.float32)}
@@ -231,8 +232,8 @@ def bnb_to_params(state: Mapping[str, np.ndarray], config: LlamaConfig, param_dt
     return unflatten_params(flat)
 
 
-def _quantized(module: str, key: str, state: Mapping[str, np.ndarray]) -> nf4.Quantized4bit:
-    """One module's Quantized4bit from its checkpoint tensors; raises ValueError naming what is wrong."""
+def _quantized(module: str, key: str, state: Mapping[str, np.ndarray]) -> Any:
+    """One module's 4-bit kernel from its checkpoint tensors; raises ValueError naming what is wrong."""
     import jax.numpy as jnp
 
     meta = json.loads(bytes(np.asarray(state[key], np.uint8)).decode("utf-8"))
@@ -265,12 +266,12 @@ def _quantized(module: str, key: str, state: Mapping[str, np.ndarray]) -> nf4.Qu
     failed = [msg for ok, msg in checks if not ok]
     if failed:
         raise ValueError("; ".join(failed))
-    return nf4.Quantized4bit(
+    return nf4.kernel_from_storage(
         jnp.asarray(packed.reshape(-1, 1)), jnp.asarray(absmax),
         jnp.asarray(nested_absmax) if nested else None,
         jnp.asarray(np.float32(meta["nested_offset"])) if nested else None,
         quant_type=quant_type, blocksize=blocksize, shape=(in_dim, out_dim), dtype_name=dtype,
-        nested_blocksize=nested_bs if nested else None, transposed=True)
+        nested_blocksize=nested_bs if nested else None)
 
 
 def load_bnb_folder(folder: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None, remat: bool = False,
