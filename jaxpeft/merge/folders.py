@@ -264,7 +264,8 @@ def _load_base(name: str) -> tuple[Any, dict, Any]:
     """(model, params, tokenizer or None): merged/ gets the base's tokenizer when its folder has one."""
     from absl import logging
 
-    from jaxpeft.convert.load import from_pretrained, load_tokenizer_from, resolve_model_dir
+    from jaxpeft.convert.hf import load_tokenizer_from
+    from jaxpeft.convert.load import from_pretrained, resolve_model_dir
 
     model, params, _ = from_pretrained(name, load_tokenizer=False)
     try:

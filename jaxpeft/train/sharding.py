@@ -12,7 +12,8 @@ Logical axes (what a dimension means) map to mesh axes (where it lives) through 
     vocab -> tensor          the embedding's and lm_head's V, when the tensor size divides it
     blocks -> (fsdp, tensor) the blocks of a 4-bit kernel's flat codes
 
-Parameters (the canonical tree of models/llama.py):
+Parameters (the canonical tree of models/llama.py; each family's linears and their axes are in
+`models.families`):
 
     embed_tokens/embedding (V, D): (vocab, embed)      lm_head/kernel (D, V): (embed, vocab)
     q_proj (D, H*E): (embed, heads)   k_proj, v_proj (D, K*E): (embed, kv_heads)   o_proj: (heads, embed)
@@ -51,6 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.core.tree import Path, flatten_params, unflatten_params
+from jaxpeft.models.families import kernel_axes
 from jaxpeft.quant.protocol import QuantizedKernel
 
 AXES = ("data", "fsdp", "tensor")
@@ -60,11 +62,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "batch": BATCH_AXES, "embed": ("fsdp",), "vocab": ("tensor",), "heads": ("tensor",),
     "kv_heads": ("tensor",), "mlp": ("tensor",), "blocks": ("fsdp", "tensor"),
 }
-KERNEL_AXES = {
-    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
-    "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
-    "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab"),
-}
+KERNEL_AXES = kernel_axes()  # {linear module name: (I, O) logical axes}, from the family table
 _BLOCK_AXES_CHOICES = (("fsdp", "tensor"), ("fsdp",), ("tensor",))
 
 
