@@ -38,9 +38,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from jaxpeft.kernels.nf4_matmul import Tiles, nf4_matmul  # noqa: E402
-from jaxpeft.kernels.nf4_matmul.pallas import forward_tiles  # noqa: E402
-from jaxpeft.quant import Quantized4bit, quantize_kernel  # noqa: E402
+from jaxpeft.kernels.nf4_matmul.pallas import Tiles, forward_tiles  # noqa: E402
+from jaxpeft.quant import QuantizedKernel, nf4_matmul, quantize_kernel  # noqa: E402
 
 WEIGHTS = ((8192, 28672), (28672, 8192))  # (I, O)
 
@@ -84,7 +83,7 @@ def _time_per_call(f, x, w, inner: int | None, rounds: int, codes: bool = False)
     def loop(x, w):
         def body(_, x):
             flag = x[0, 0] != x[0, 0]
-            y = f(x, _perturb(w, flag, codes) if isinstance(w, Quantized4bit) else w)
+            y = f(x, _perturb(w, flag, codes) if isinstance(w, QuantizedKernel) else w)
             return x + (y[:, :1] * 0).astype(x.dtype)  # a real dependency: no hoisting, sequential
         return lax.fori_loop(0, n, body, x)
 

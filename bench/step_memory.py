@@ -50,7 +50,8 @@ def main(argv) -> None:
     from jaxpeft.train.loop import TrainConfig, Trainer
 
     if _METHOD.value == "qlora":
-        from jaxpeft.convert.bnb import Bnb4bitConfig, QuantizedBaseLoader
+        from jaxpeft.convert.bnb import Bnb4bitConfig
+        from jaxpeft.convert.load import QuantizedBaseLoader
 
         model, params, _, _ = QuantizedBaseLoader(Bnb4bitConfig())(None, dtype=jnp.float32, remat=_REMAT.value,
                                                                   load_tokenizer=False)

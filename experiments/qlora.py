@@ -28,7 +28,8 @@ _BLOCKSIZE = flags.DEFINE_integer("blocksize", 64, "Weights per quantization blo
 
 
 def _base_loader():
-    from jaxpeft.convert.bnb import Bnb4bitConfig, QuantizedBaseLoader
+    from jaxpeft.convert.bnb import Bnb4bitConfig
+    from jaxpeft.convert.load import QuantizedBaseLoader
 
     return QuantizedBaseLoader(Bnb4bitConfig(quant_type=_QUANT_TYPE.value, double_quant=_DOUBLE_QUANT.value,
                                              blocksize=_BLOCKSIZE.value))

@@ -28,7 +28,8 @@ def main(argv) -> None:
     log_to_stderr()
     from absl import logging
 
-    from jaxpeft.convert.bnb import Bnb4bitConfig, QuantizedBaseLoader, save_bnb_folder
+    from jaxpeft.convert.bnb import Bnb4bitConfig, save_bnb_folder
+    from jaxpeft.convert.load import QuantizedBaseLoader
     from jaxpeft.core.errors import ConfigError
 
     quant = Bnb4bitConfig(quant_type=_QUANT_TYPE.value, double_quant=_DOUBLE_QUANT.value, blocksize=_BLOCKSIZE.value)

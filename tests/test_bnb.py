@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from jaxpeft import from_pretrained
-from jaxpeft.convert.bnb import Bnb4bitConfig, QuantizedBaseLoader, load_bnb_folder, save_bnb_folder
+from jaxpeft.convert.bnb import Bnb4bitConfig, load_bnb_folder, save_bnb_folder
+from jaxpeft.convert.load import QuantizedBaseLoader
 from jaxpeft.convert.hf import read_safetensors
 from jaxpeft.core.errors import UnsupportedModelError
 from jaxpeft.core.tree import flatten_params

@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 
 from jaxpeft.core.errors import ConfigError
-from jaxpeft.kernels.nf4_matmul import (
-    PALLAS_MAX_M, Tiles, nf4_matmul, nf4_matmul_reference, nf4_matmul_t_reference, qkernel_matmul, supports,
-)
+from jaxpeft.kernels.nf4_matmul import PALLAS_MAX_M, Tiles, supports
 from jaxpeft.models import ops
-from jaxpeft.quant import Quantized4bit, quantize_kernel
+from jaxpeft.quant import Quantized4bit, QuantizedKernel, quantize_kernel
+from jaxpeft.quant.nf4_matmul import nf4_matmul, nf4_matmul_reference, nf4_matmul_t_reference
 from tests import tolerances
 
 # (M, I, O, blocksize, double_quant). Pallas tiles they hit (forward block_k / backward block_n):
@@ -133,8 +132,8 @@ def test_default_is_xla_off_gpu_and_decode_only_on_gpu():
 
 
 def test_registered_for_linear_nf4_only():
-    assert ops.KERNEL_MATMULS["qkernel"] is qkernel_matmul
     x, q = _case(3, 96, 48, 32, True)
+    assert isinstance(q, QuantizedKernel)  # ops.linear calls its protocol; nothing is registered into ops
     y = ops.linear(x, {"qkernel": q}, dtype=jnp.float32)
     _close(y, nf4_matmul_reference(x, q, "float32"), "float32", "ops.linear on an NF4 qkernel")
     fp4 = quantize_kernel(np.random.default_rng(2).standard_normal((96, 48)).astype(np.float32), quant_type="fp4")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from jaxpeft import from_transformers
-from jaxpeft.convert.bnb import Bnb4bitConfig, QuantizedBaseLoader
+from jaxpeft.convert.bnb import Bnb4bitConfig
+from jaxpeft.convert.load import QuantizedBaseLoader
 from jaxpeft.methods.lora import load_peft_adapter
 from jaxpeft.core.errors import ConfigError
 from jaxpeft.core.tree import flatten_params

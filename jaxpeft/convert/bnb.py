@@ -1,4 +1,4 @@
-"""bitsandbytes 4-bit checkpoints <-> jaxpeft quantized parameter trees, and the QLoRA base loader.
+"""bitsandbytes 4-bit checkpoints <-> jaxpeft quantized parameter trees (the QLoRA base loader is `convert.load`).
 
 An HF folder saved with `load_in_4bit` (transformers + bitsandbytes) stores each quantized `Linear4bit`
 M, torch weight [O, I], N = O * I weights in K blocks (K2 nested blocks), as these tensors (checked by
@@ -17,7 +17,7 @@ quantization, nested_blocksize (256), nested_dtype ("float32"), nested_offset (t
 as a Python float). Every other tensor (embeddings, norms, lm_head) is stored dense, as usual, and
 config.json carries transformers' `quantization_config` (`quant_method: "bitsandbytes"`).
 
-A `Quantized4bit` holds exactly these bytes, so export and import copy codes and statistics unchanged;
+A 4-bit kernel (`quant.nf4`) holds exactly these bytes, so export and import copy codes and statistics unchanged;
 dequantized weights equal `bitsandbytes.functional.dequantize_4bit` bit for bit. Importing needs no
 torch or bitsandbytes (safetensors is read with numpy).
 """
@@ -33,13 +33,14 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
-from jaxpeft.convert.hf import (_numpy_dtype, expected_hf_names, hf_name_to_path, params_to_hf, read_hf_weights,
+from jaxpeft.convert.hf import (numpy_dtype, hf_name_to_path, load_tokenizer_from, params_to_hf, read_hf_weights,
                                 write_hf_folder)
 from jaxpeft.core.errors import CheckpointError, ConfigError, UnsupportedModelError, bullet_list
 from jaxpeft.core.partition import count
 from jaxpeft.core.targets import Targets
 from jaxpeft.core.tree import dotted, flatten_params, unflatten_params
 from jaxpeft.models.config import LlamaConfig
+from jaxpeft.models.families import build_model, config_from_hf, family_of
 from jaxpeft.quant import dynamic8, nf4
 
 STATE_TAG = ".weight.quant_state.bitsandbytes__"
@@ -96,7 +97,7 @@ def bnb_state_dict(params: Mapping, dtype: str = "float32") -> dict[str, np.ndar
         raise ConfigError("these parameters hold no quantized kernels (`qkernel`); quantize them first "
                           "(jaxpeft.quant.quantize_params) or save a dense folder with save_hf_folder.")
     bad = [f"{dotted(m)}: shape {q.shape}, transposed={q.transposed}" for m, q in quantized.items()
-           if not (isinstance(q, nf4.Quantized4bit) and q.transposed and q.ndim == 2)]
+           if not nf4.is_4bit_kernel(q)]
     formats = sorted({(q.quant_type, q.double_quant) for q in quantized.values()})
     if bad or len(formats) > 1:
         raise ConfigError(
@@ -104,13 +105,14 @@ def bnb_state_dict(params: Mapping, dtype: str = "float32") -> dict[str, np.ndar
             + bullet_list(bad + ([f"mixed formats (quant_type, double_quant): {formats}"] if len(formats) > 1 else []))
             + "\nbitsandbytes stores (I, O) kernels quantized by quantize_kernel/quantize_params, one "
             "quant_type and double-quant setting per checkpoint.")
-    state = params_to_hf(unflatten_params({p: v for p, v in flat.items() if p[-1] != "qkernel"}), _numpy_dtype(dtype))
+    state = params_to_hf(unflatten_params({p: v for p, v in flat.items() if p[-1] != "qkernel"}), numpy_dtype(dtype))
     for module, q in sorted(quantized.items()):
         state.update(_quant_tensors(dotted(module), q))
     return state
 
 
-def _quant_tensors(name: str, q: nf4.Quantized4bit) -> dict[str, np.ndarray]:
+def _quant_tensors(name: str, q: Any) -> dict[str, np.ndarray]:
+    """The bitsandbytes tensors of one 4-bit kernel (`nf4.is_4bit_kernel`) named `name`."""
     out = {f"{name}.weight": np.asarray(q.packed, np.uint8).reshape(-1, 1),
            f"{name}.weight.absmax": np.asarray(q.absmax, np.uint8 if q.double_quant else np.float32),
            f"{name}.weight.quant_map": nf4.CODES[q.quant_type].astype(np.float32)}
@@ -217,7 +219,7 @@ def bnb_to_params(state: Mapping[str, np.ndarray], config: LlamaConfig, param_dt
     if config.tie_word_embeddings:
         present.discard("lm_head.weight")
         dense.pop("lm_head.weight", None)
-    expected = expected_hf_names(config)
+    expected = family_of(config.model_type).hf_names(config)
     problems += [f"missing: {n}" for n in sorted(expected - present)]
     problems += [f"unexpected: {n}" for n in sorted(present - expected) if not n.endswith("rotary_emb.inv_freq")]
     if problems:
@@ -231,8 +233,8 @@ def bnb_to_params(state: Mapping[str, np.ndarray], config: LlamaConfig, param_dt
     return unflatten_params(flat)
 
 
-def _quantized(module: str, key: str, state: Mapping[str, np.ndarray]) -> nf4.Quantized4bit:
-    """One module's Quantized4bit from its checkpoint tensors; raises ValueError naming what is wrong."""
+def _quantized(module: str, key: str, state: Mapping[str, np.ndarray]) -> Any:
+    """One module's 4-bit kernel from its checkpoint tensors; raises ValueError naming what is wrong."""
     import jax.numpy as jnp
 
     meta = json.loads(bytes(np.asarray(state[key], np.uint8)).decode("utf-8"))
@@ -265,12 +267,12 @@ def _quantized(module: str, key: str, state: Mapping[str, np.ndarray]) -> nf4.Qu
     failed = [msg for ok, msg in checks if not ok]
     if failed:
         raise ValueError("; ".join(failed))
-    return nf4.Quantized4bit(
+    return nf4.kernel_from_storage(
         jnp.asarray(packed.reshape(-1, 1)), jnp.asarray(absmax),
         jnp.asarray(nested_absmax) if nested else None,
         jnp.asarray(np.float32(meta["nested_offset"])) if nested else None,
         quant_type=quant_type, blocksize=blocksize, shape=(in_dim, out_dim), dtype_name=dtype,
-        nested_blocksize=nested_bs if nested else None, transposed=True)
+        nested_blocksize=nested_bs if nested else None)
 
 
 def load_bnb_folder(folder: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None, remat: bool = False,
@@ -282,9 +284,6 @@ def load_bnb_folder(folder: str | os.PathLike, *, dtype: Any = None, param_dtype
     """
     import jax.numpy as jnp
 
-    from jaxpeft.convert.load import load_tokenizer_from
-    from jaxpeft.models.llama import LlamaForCausalLM
-
     folder = Path(folder)
     path = folder / "config.json"
     try:
@@ -295,15 +294,15 @@ def load_bnb_folder(folder: str | os.PathLike, *, dtype: Any = None, param_dtype
     if qc is None:
         raise CheckpointError(f"{folder} has no quantization_config in config.json, so it is not a bitsandbytes "
                               "checkpoint; load it with jaxpeft.from_pretrained.")
-    config = LlamaConfig.from_hf(rest)
+    config = config_from_hf(rest)
     param_dtype = param_dtype or jnp.float32
     params = bnb_to_params(read_hf_weights(folder), config, param_dtype)
     logging.info("loaded a bitsandbytes %s checkpoint from %s", qc.get("bnb_4bit_quant_type"), folder)
-    model = LlamaForCausalLM(config, dtype=dtype or jnp.float32, param_dtype=param_dtype, remat=remat)
+    model = build_model(config, dtype=dtype or jnp.float32, param_dtype=param_dtype, remat=remat)
     return model, params, load_tokenizer_from(folder) if load_tokenizer else None
 
 
-# ---------------------------------------------------------------------------------------------- QLoRA base
+# ---------------------------------------------------------------------------------------------- summary
 
 
 def quantization_summary(params: Mapping) -> dict[str, Any]:
@@ -313,41 +312,3 @@ def quantization_summary(params: Mapping) -> dict[str, Any]:
     return {"quant_type": sorted({q.quant_type for q in qs}), "blocksize": sorted({q.blocksize for q in qs}),
             "double_quant": sorted({q.double_quant for q in qs}), "quantized_modules": len(qs),
             "base_param_bytes": {"quantized": held, "float32": fp32, "ratio": round(held / fp32, 4)}}
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantizedBaseLoader:
-    """`run_finetune`'s base loader for QLoRA: loads the model and quantizes its linears to 4 bits, or,
-    for a bitsandbytes checkpoint, keeps the checkpoint's own codes (its settings then win)."""
-
-    config: Bnb4bitConfig
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return {"quantization": json.loads(json.dumps(dataclasses.asdict(self.config), default=list))}
-
-    def __call__(self, name: str | None, *, dtype: Any, remat: bool = False, load_tokenizer: bool = True):
-        from jaxpeft.convert.load import from_pretrained, resolve_model_dir
-        from jaxpeft.quant import quantize_params
-
-        folder = resolve_model_dir(name)
-        if is_bnb_folder(folder):
-            model, params, tokenizer = load_bnb_folder(folder, dtype=dtype, remat=remat, load_tokenizer=load_tokenizer)
-            source = "bitsandbytes checkpoint (its codes used as they are)"
-        else:
-            model, params, tokenizer = from_pretrained(str(folder), dtype=dtype, remat=remat,
-                                                       load_tokenizer=load_tokenizer)
-            c = self.config
-            params = quantize_params(params, targets=c.targets, quant_type=c.quant_type, blocksize=c.blocksize,
-                                     double_quant=c.double_quant)
-            source = "quantized on load"
-        summary = {"source": source, **quantization_summary(params)}
-        wanted = {"quant_type": [self.config.quant_type], "blocksize": [self.config.blocksize],
-                  "double_quant": [self.config.double_quant]}
-        differ = {k: summary[k] for k, v in wanted.items() if summary[k] != v}
-        if differ:
-            logging.warning("the bitsandbytes checkpoint's own settings %s replace the requested ones", differ)
-        b = summary["base_param_bytes"]
-        logging.info("4-bit base (%s): %d modules, %.1f MB held vs %.1f MB in fp32", source,
-                     summary["quantized_modules"], b["quantized"] / 1e6, b["float32"] / 1e6)
-        return model, params, tokenizer, {"quantization": summary}

@@ -15,6 +15,7 @@ from typing import Iterator
 
 from absl import logging
 
+from jaxpeft.convert import gguf as gguf_format  # a module reference: tests patch gguf_to_hf_folder there
 from jaxpeft.core.atomic import atomic_file
 from jaxpeft.core.errors import MissingDependencyError
 
@@ -123,8 +124,6 @@ def cached_hf_folder(gguf_path: str | None = None, cache_dir: str | None = None)
     subfolder keyed by the GGUF file's sha256; the first call converts (seconds), later calls only
     stat the file. The folder appears atomically, so an interrupted conversion leaves nothing behind.
     """
-    from jaxpeft.convert.gguf import gguf_to_hf_folder
-
     gguf_path = os.path.abspath(gguf_path or default_gguf_path())
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
     os.makedirs(cache_dir, exist_ok=True)
@@ -145,5 +144,5 @@ def cached_hf_folder(gguf_path: str | None = None, cache_dir: str | None = None)
             if name.startswith(f".{key}.tmp-"):
                 shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
         logging.info("converting %s once; cached at %s", gguf_path, folder)
-        gguf_to_hf_folder(gguf_path, folder)
+        gguf_format.gguf_to_hf_folder(gguf_path, folder)
     return folder

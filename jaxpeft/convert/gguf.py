@@ -1,7 +1,9 @@
 """Reads Llama-architecture GGUF files (llama.cpp's format) into HF names and a plain HF folder.
 
 The weights come back dequantized to float32 in torch layout `[out, in]`, with llama.cpp's q/k row
-permutation undone, so they are exactly what transformers' own GGUF loader produces.
+permutation undone, so they are exactly what transformers' own GGUF loader produces. Which GGUF
+architecture is read as which family, and the tensor names, come from the family table
+(`models.families`).
 """
 
 from __future__ import annotations
@@ -21,23 +23,8 @@ from jaxpeft.core.errors import (
     UnsupportedModelError,
     bullet_list,
 )
+from jaxpeft.models.families import gguf_family
 
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 # Metadata whose presence means a Llama variant this reader would silently get wrong.
 _UNSUPPORTED_KEYS = ("expert_count", "attention.sliding_window", "attention.key_length_mla")
@@ -133,11 +120,13 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
 
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise UnsupportedModelError(
-            f"GGUF architecture {arch!r} in {path} is not supported; only 'llama' "
-            "(Llama, SmolLM2, Mistral-style dense models) is."
-        )
+    try:
+        family = gguf_family(arch)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{path}: {e}") from e
+    global_names, layer_names = family.gguf_names()
+    # llama.cpp permutes the rows of q and k (by query heads and kv heads).
+    permuted = {f"{m.gguf}.weight": m.short for m in family.linears if m.short in ("q_proj", "k_proj")}
     present = [f"{arch}.{k}" for k in _UNSUPPORTED_KEYS if f"{arch}.{k}" in reader.fields]
     if present:
         raise UnsupportedModelError(f"GGUF metadata names features this reader lacks:\n{bullet_list(present)}")
@@ -156,18 +145,16 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     for tensor in reader.tensors:
         name = tensor.name
         match = _LAYER_RE.match(name)
-        if name in _GLOBAL_NAMES:
-            hf_name = _GLOBAL_NAMES[name]
-        elif match and match.group(2) in _LAYER_NAMES and int(match.group(1)) < n_layers:
-            hf_name = f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+        if name in global_names:
+            hf_name = global_names[name]
+        elif match and match.group(2) in layer_names and int(match.group(1)) < n_layers:
+            hf_name = f"{family.layer_prefix(int(match.group(1)))}.{layer_names[match.group(2)]}"
         else:
             unknown.append(f"{name} ({tensor.tensor_type.name}, shape {tensor.shape.tolist()})")
             continue
         weight = _dequantize(gguf, tensor)
-        if match and match.group(2) == "attn_q.weight":
-            weight = unpermute_qk(weight, n_head)
-        elif match and match.group(2) == "attn_k.weight":
-            weight = unpermute_qk(weight, n_kv)
+        if match and match.group(2) in permuted:
+            weight = unpermute_qk(weight, n_head if permuted[match.group(2)] == "q_proj" else n_kv)
         state[hf_name] = weight
     if unknown:
         # rope_freqs.weight (Llama 3.1 rope scaling) and biases land here on purpose.
@@ -175,17 +162,17 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
             f"GGUF file {path} has tensors this Llama reader does not map:\n{bullet_list(unknown)}"
         )
 
-    expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{v}" for i in range(n_layers) for v in _LAYER_NAMES.values()
+    expected = {f"{family.embed}.weight", f"{family.final_norm}.weight"} | {
+        f"{family.layer_prefix(i)}.{v}" for i in range(n_layers) for v in layer_names.values()
     }
     missing = sorted(expected - state.keys())
     if missing:
         raise CheckpointError(f"GGUF file {path} lacks tensors:\n{bullet_list(missing)}")
 
-    embed = state["model.embed_tokens.weight"]
+    embed = state[f"{family.embed}.weight"]
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "hidden_size": hidden,
         "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
         "num_hidden_layers": n_layers,
@@ -198,7 +185,7 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         "max_position_embeddings": ctx,
         # The embedding's row count is the truth; the metadata key is optional in older files.
         "vocab_size": int(embed.shape[0]),
-        "tie_word_embeddings": "lm_head.weight" not in state,
+        "tie_word_embeddings": f"{family.head}.weight" not in state,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "hidden_act": "silu",

@@ -18,6 +18,7 @@ from jaxpeft.core.atomic import atomic_dir
 from jaxpeft.core.errors import CheckpointError, bullet_list
 from jaxpeft.core.tree import flatten_params, unflatten_params
 from jaxpeft.models.config import LlamaConfig
+from jaxpeft.models.families import family_of
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -28,7 +29,7 @@ def hf_to_params(state: Mapping[str, np.ndarray], config: LlamaConfig, dtype: An
     """Converts an HF state dict (torch layout, numpy arrays) into the canonical parameter tree."""
     import jax.numpy as jnp
 
-    expected = expected_hf_names(config)
+    expected = family_of(config.model_type).hf_names(config)
     names = set(state)
     if config.tie_word_embeddings:
         names.discard("lm_head.weight")  # some savers keep the tied copy; it is the embedding
@@ -73,22 +74,6 @@ def hf_name_to_path(name: str, ndim: int) -> tuple[tuple[str, ...], str]:
     if leaf == "weight" and ndim == 2:
         leaf = "embedding" if module[-1] == "embed_tokens" else "kernel"
     return module, leaf
-
-
-def expected_hf_names(config: LlamaConfig) -> set[str]:
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not config.tie_word_embeddings:
-        names.add("lm_head.weight")
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}"
-        names |= {f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"}
-        names |= {f"{p}.self_attn.{m}_proj.weight" for m in "qkvo"}
-        names |= {f"{p}.mlp.{m}_proj.weight" for m in ("gate", "up", "down")}
-        if config.attention_bias:
-            names |= {f"{p}.self_attn.{m}_proj.bias" for m in "qkv"}
-        if config.o_proj_bias:
-            names.add(f"{p}.self_attn.o_proj.bias")
-    return names
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -141,6 +126,17 @@ def read_hf_weights(folder: str | os.PathLike, *, allow_pickle: bool = False) ->
     )
 
 
+def load_tokenizer_from(folder: str | os.PathLike):
+    """The tokenizer of an HF model folder (transformers' AutoTokenizer)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise CheckpointError(f"could not load a tokenizer from {folder} ({e}); the folder needs the "
+                              "tokenizer files (tokenizer.json / tokenizer_config.json).") from e
+
+
 def save_hf_folder(
     out_dir: str | os.PathLike,
     params: Mapping,
@@ -155,7 +151,7 @@ def save_hf_folder(
 
     Written atomically: the folder appears complete or not at all.
     """
-    np_dtype = _numpy_dtype(dtype)
+    np_dtype = numpy_dtype(dtype)
     state = params_to_hf(params, np_dtype)
     hf_config = {**config.to_hf(), "torch_dtype": dtype, "dtype": dtype}
     return write_hf_folder(out_dir, state, hf_config, tokenizer=tokenizer, generation_config=generation_config,
@@ -190,7 +186,7 @@ def write_hf_folder(
     return Path(out_dir)
 
 
-def _numpy_dtype(name: str):
+def numpy_dtype(name: str):
     import ml_dtypes
 
     table = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.core.errors import ConfigError, bullet_list
-from jaxpeft.core.tree import Path, dotted, flatten_params, unflatten_params
+from jaxpeft.core.tree import Path, dotted, flatten_params, kernel_shape, module_leaves, unflatten_params
 from jaxpeft.merge import ops
 from jaxpeft.methods.lora import LoraConfig
 
@@ -177,10 +177,7 @@ def _lora_modules(adapters: Sequence[Mapping]) -> list[dict[Path, dict[str, Any]
     """Per adapter, {module path: its leaves}; one error lists every mismatch between the adapters."""
     out, problems = [], []
     for i, tree in enumerate(adapters):
-        groups: dict[Path, dict[str, Any]] = {}
-        for path, leaf in flatten_params(tree).items():
-            groups.setdefault(path[:-1], {})[path[-1]] = leaf
-        mods = {p: g for p, g in groups.items() if "lora_a" in g}
+        mods = {p: g for p, g in module_leaves(tree).items() if "lora_a" in g}
         if not mods:
             problems.append(f"adapter {i}: no LoRA leaves (lora_a/lora_b); pass trees from load_peft_adapter "
                             "or Lora().split(...)[0]")
@@ -217,5 +214,7 @@ def _check_equal_ranks(modules: Sequence[Mapping[Path, Mapping[str, Any]]], kind
 def _io_shape(leaves: Mapping[str, Any]) -> tuple[int, ...]:
     a, b = leaves["lora_a"], leaves["lora_b"]
     shape = (int(a.shape[0]), int(b.shape[1]))
-    kernel = leaves.get("kernel", leaves.get("qkernel"))
-    return shape if kernel is None else shape + tuple(int(d) for d in kernel.shape)
+    try:
+        return shape + tuple(int(d) for d in kernel_shape(leaves))
+    except KeyError:  # an adapter-only tree holds no kernel
+        return shape

@@ -33,8 +33,8 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.convert.hf import read_safetensors, save_hf_folder
-from jaxpeft.convert.load import from_pretrained, load_tokenizer_from, resolve_model_dir
+from jaxpeft.convert.hf import load_tokenizer_from, read_safetensors, save_hf_folder
+from jaxpeft.convert.load import from_pretrained, resolve_model_dir
 from jaxpeft.convert.peft import common as peft_common, lora as peft_lora
 from jaxpeft.core.atomic import atomic_dir
 from jaxpeft.core.errors import CheckpointError, ConfigError, bullet_list

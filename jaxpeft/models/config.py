@@ -14,6 +14,8 @@ import numpy as np
 
 from jaxpeft.core.errors import UnsupportedModelError, bullet_list
 
+# The HF model types this config class reads (each with its own rules in `from_hf`), and the class name
+# `to_hf` writes for each. Which module runs them, and their layers' parts, is `models.families`.
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",

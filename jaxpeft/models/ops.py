@@ -18,30 +18,20 @@ import jax.numpy as jnp
 
 from jaxpeft.models import hooks
 
-# Readers that turn a non-dense kernel leaf into a dense (I, O) array of the compute dtype; later
-# issues register theirs (NF4: "qkernel").
-KERNEL_READERS: dict[str, Callable[[Any, Any], jax.Array]] = {}
-# Matmul implementations for non-dense kernels: (x, kernel_leaf, dtype) -> x @ W. Optional: without
-# one the kernel is densified through KERNEL_READERS.
-KERNEL_MATMULS: dict[str, Callable[[jax.Array, Any, Any], jax.Array]] = {}
-
 
 def dense_kernel(leaves: Mapping[str, Any], dtype: Any) -> jax.Array:
-    """The module's kernel as a dense (I, O) array of `dtype`, whatever form it is stored in."""
+    """The module's kernel as a dense (I, O) array of `dtype`: a `kernel`, or a quantized kernel under
+    `qkernel` (any object with the quantized kernel protocol's `dequantize(dtype)`)."""
     if "kernel" in leaves:
         return jnp.asarray(leaves["kernel"]).astype(dtype)
-    for key, reader in KERNEL_READERS.items():
-        if key in leaves:
-            return reader(leaves[key], dtype)
+    if "qkernel" in leaves:
+        return leaves["qkernel"].dequantize(dtype)
     raise KeyError(f"no kernel among the leaves {sorted(leaves)}")
 
 
 def _base_matmul(x: jax.Array, leaves: Mapping[str, Any], dtype: Any) -> jax.Array:
-    if "kernel" in leaves:
-        return x @ jnp.asarray(leaves["kernel"]).astype(dtype)
-    for key, matmul in KERNEL_MATMULS.items():
-        if key in leaves:
-            return matmul(x, leaves[key], dtype)
+    if "kernel" not in leaves and "qkernel" in leaves:
+        return leaves["qkernel"].matmul(x, dtype)  # the format's own matmul (NF4: without a dense weight)
     return x @ dense_kernel(leaves, dtype)
 
 
@@ -54,7 +44,7 @@ def linear(
 ) -> jax.Array:
     """y = x W (+ b), with whatever registered adapters the leaves carry (`hooks.LinearAdapter`: LoRA/DoRA,
     IA3, ...). `dropout` acts on the input of the adapters that use it."""
-    known = {"kernel", "bias", *KERNEL_READERS, *hooks.linear_leaf_names()}
+    known = {"kernel", "qkernel", "bias", *hooks.linear_leaf_names()}
     unknown = sorted(set(leaves) - known)
     if unknown:
         raise ValueError(f"linear got leaves it does not understand: {unknown} (known: {sorted(known)}); an adapter's "

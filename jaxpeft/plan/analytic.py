@@ -6,7 +6,7 @@ before the vocabulary projection; default B*(S-1) rounded up to 8), c bytes of t
 
 What is counted (GB = 1e9 bytes):
 - weights: every leaf of the parameter tree as stored: the base in `param_dtype`, NF4 kernels (QLoRA) as
-  `Quantized4bit` holds them (packed codes (N+1)//2 bytes, absmax uint8 [K] with double quantization
+  `quant.nf4` holds them (packed codes (N+1)//2 bytes, absmax uint8 [K] with double quantization
   plus fp32 nested absmax [ceil(K/256)] and an fp32 offset, or fp32 absmax [K] without), LoRA A/B and
   the frozen fp32 `lora_scale` scalars.
 - gradients: the trainable leaves only, in their own dtype (the step differentiates the trainable
@@ -44,12 +44,12 @@ import dataclasses
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.core.targets import Targets, name_matches
 from jaxpeft.models.config import LlamaConfig
+from jaxpeft.models.families import family_of
 from jaxpeft.plan.shapes import LinearShape, layer_linears
+from jaxpeft.quant.nf4 import ALLOWED_BLOCKSIZES as QUANT_BLOCKSIZES, NESTED_BLOCKSIZE
 
 METHODS = ("full", "lora", "qlora")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-NESTED_BLOCKSIZE = 256
 GB = 1e9
 
 
@@ -155,7 +155,7 @@ class MemoryPlan:
 
 
 def nf4_bytes(n_weights: int, *, blocksize: int = 64, double_quant: bool = True) -> int:
-    """Bytes a `Quantized4bit` of `n_weights` weights holds (codes, absmax, nested absmax, offset)."""
+    """Bytes a 4-bit kernel (`quant.nf4`) of `n_weights` weights holds (codes, absmax, nested absmax, offset)."""
     k = -(-n_weights // blocksize)
     packed = (n_weights + 1) // 2
     if not double_quant:
@@ -183,7 +183,7 @@ def _weights(config: LlamaConfig, plan: PlanConfig, adapted: list[LinearShape]) 
     """(weight items, trainable parameter count, base parameter count)."""
     c, p = config, DTYPE_BYTES[plan.param_dtype]
     linears = [m for layer in range(c.num_hidden_layers) for m in layer_linears(c, layer)]
-    norms = (2 * c.num_hidden_layers + 1) * c.hidden_size
+    norms = (len(family_of(c.model_type).norms) * c.num_hidden_layers + 1) * c.hidden_size
     embed = c.vocab_size * c.hidden_size
     head = 0 if c.tie_word_embeddings else c.hidden_size * c.vocab_size
     biases = sum(m.out_features for m in linears if m.bias)
@@ -222,11 +222,10 @@ def _layer_saved(config: LlamaConfig, plan: PlanConfig, adapted: set[str]) -> li
     if cb != 4:
         items.append(Item(f"attention probabilities ({plan.dtype})", scores * cb))
     items.append(Item("MLP gate, up, sigmoid(gate), silu(gate)", 4 * t * i * cb))
-    inputs = [("normed x (input of q/k/v)", {"q_proj", "k_proj", "v_proj"}, d),
-              ("attention output (input of o_proj)", {"o_proj"}, q),
-              ("normed x (input of gate/up)", {"gate_proj", "up_proj"}, d),
-              ("silu(gate)*up (input of down_proj)", {"down_proj"}, i)]
-    for name, users, width in inputs:
+    inputs: dict[str, tuple[set[str], int]] = {}  # the tensor a trained linear reads -> (its readers, width)
+    for m in family_of(c.model_type).linears:
+        inputs.setdefault(m.reads, (set(), m.shape(c)[0]))[0].add(m.short)
+    for name, (users, width) in inputs.items():
         if users & trained:
             items.append(Item(name, t * width * cb))
     if plan.method != "full" and adapted:

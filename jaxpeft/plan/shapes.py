@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from jaxpeft.core.errors import CheckpointError, ConfigError
 from jaxpeft.models.config import LlamaConfig
+from jaxpeft.models.families import config_from_hf, family_of
 
 
 def _llama2(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> LlamaConfig:
@@ -49,18 +50,10 @@ class LinearShape(NamedTuple):
 
 
 def layer_linears(config: LlamaConfig, layer: int) -> list[LinearShape]:
-    """The seven linear modules of decoder layer `layer`, named as in the parameter tree."""
-    c, p = config, f"model.layers.{layer}"
-    d, q, kv, i = c.hidden_size, c.q_dim, c.kv_dim, c.intermediate_size
-    return [
-        LinearShape(f"{p}.self_attn.q_proj", d, q, c.attention_bias),
-        LinearShape(f"{p}.self_attn.k_proj", d, kv, c.attention_bias),
-        LinearShape(f"{p}.self_attn.v_proj", d, kv, c.attention_bias),
-        LinearShape(f"{p}.self_attn.o_proj", q, d, c.o_proj_bias),
-        LinearShape(f"{p}.mlp.gate_proj", d, i, False),
-        LinearShape(f"{p}.mlp.up_proj", d, i, False),
-        LinearShape(f"{p}.mlp.down_proj", i, d, False),
-    ]
+    """The linear modules of decoder layer `layer` (from the family table), named as in the parameter tree."""
+    family = family_of(config.model_type)
+    prefix = family.layer_prefix(layer)
+    return [LinearShape(f"{prefix}.{m.name}", *m.shape(config), m.has_bias(config)) for m in family.linears]
 
 
 def resolve_model(name: str) -> tuple[str, LlamaConfig]:
@@ -86,4 +79,4 @@ def resolve_model(name: str) -> tuple[str, LlamaConfig]:
     if missing:
         raise ConfigError(f"{path} lacks {missing}, which a memory plan needs; pass the config.json of a "
                           "Llama-family Hugging Face model.")
-    return str(path.parent), LlamaConfig.from_hf(hf)
+    return str(path.parent), config_from_hf(hf)

@@ -25,9 +25,20 @@ import os
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from jaxpeft.core.errors import ConfigError
+from jaxpeft.core.partition import split_trainable
+from jaxpeft.methods import get_method
+from jaxpeft.methods.full import FullConfig
+from jaxpeft.methods.lora import LoraConfig
 from jaxpeft.models.config import LlamaConfig
+from jaxpeft.models.families import build_model
 from jaxpeft.plan.analytic import MemoryPlan, PlanConfig, plan_memory
+from jaxpeft.quant import quantize_params
+from jaxpeft.train import optim
+from jaxpeft.train.step import init_state, make_train_step
 
 MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
@@ -81,10 +92,6 @@ def use_memory_scheduler() -> None:
 
 
 def _method(plan: PlanConfig) -> tuple[Any, Any]:
-    from jaxpeft.methods import get_method
-    from jaxpeft.methods.full import FullConfig
-    from jaxpeft.methods.lora import LoraConfig
-
     if plan.method == "full":
         return get_method("full"), FullConfig()
     return get_method("lora"), LoraConfig(r=plan.rank, lora_alpha=2.0 * plan.rank, target_modules=plan.targets)
@@ -92,17 +99,8 @@ def _method(plan: PlanConfig) -> tuple[Any, Any]:
 
 def abstract_train_step(config: LlamaConfig, plan: PlanConfig) -> tuple[Any, tuple[Any, Any, Any]]:
     """(jitted train step, (state, frozen, batch) as ShapeDtypeStructs) exactly as `Trainer` builds them."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxpeft.core.partition import split_trainable
-    from jaxpeft.models.llama import LlamaForCausalLM
-    from jaxpeft.quant import quantize_params
-    from jaxpeft.train import optim
-    from jaxpeft.train.step import init_state, make_train_step
-
     method, method_config = _method(plan)
-    model = LlamaForCausalLM(config, dtype=jnp.dtype(plan.dtype), param_dtype=jnp.dtype(plan.param_dtype),
+    model = build_model(config, dtype=jnp.dtype(plan.dtype), param_dtype=jnp.dtype(plan.param_dtype),
                              remat=plan.remat)
     key = jax.random.PRNGKey(0)
     params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 2), jnp.int32))["params"], key)
@@ -127,8 +125,6 @@ def compiled_memory(config: LlamaConfig, plan: PlanConfig) -> CompiledMemory:
     Compile time grows with the layer count (layers are unrolled): use a few layers of the real widths
     (`analytic.layer_count_scaled`) on a CPU.
     """
-    import jax
-
     step, args = abstract_train_step(config, plan)
     start = time.perf_counter()
     compiled = step.lower(*args).compile()

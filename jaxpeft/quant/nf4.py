@@ -32,16 +32,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.core.targets import Targets, match_targets
 from jaxpeft.core.tree import flatten_params, unflatten_params
 from jaxpeft.quant import dynamic8
+from jaxpeft.quant.nf4_matmul import nf4_matmul
+from jaxpeft.quant.protocol import QuantizedKernel
 
 NF4_CODE = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -64,8 +67,8 @@ _ABSMAX_FLOOR_BITS = int(np.float32(1e-38).view(np.uint32))  # a subnormal: buil
                    data_fields=["packed", "absmax", "nested_absmax", "offset"],
                    meta_fields=["quant_type", "blocksize", "shape", "dtype_name", "nested_blocksize", "transposed"])
 @dataclasses.dataclass(frozen=True)
-class Quantized4bit:
-    """A 4-bit weight: arrays are pytree children, the format is static metadata.
+class Quantized4bit(QuantizedKernel):
+    """A 4-bit weight: arrays are pytree children, the format is static metadata (a `QuantizedKernel`).
 
     packed: uint8 ((N + 1) // 2, 1); absmax: fp32 [K], or uint8 [K] codes when double-quantized, with
     nested_absmax fp32 [K2] and offset fp32 []. `shape` is the logical shape (a kernel's (I, O));
@@ -112,6 +115,41 @@ class Quantized4bit:
     def nbytes(self) -> int:
         arrays = [self.packed, self.absmax, self.nested_absmax, self.offset]
         return int(sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays if a is not None))
+
+    @property
+    def code_values(self) -> tuple[float, ...]:
+        """The 16 code values as Python floats (exact: every float32 is one), for kernels that take them static."""
+        return tuple(float(v) for v in CODES[self.quant_type])
+
+    def absmax_fp32(self) -> jax.Array:
+        """The per-block absmax in fp32 [K], undoing double quantization when there is one."""
+        return _absmax_fp32(self)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The dense (I, O) kernel in `dtype` (default: the quantized weight's); see `dequantize_kernel`."""
+        return dequantize_kernel(self, dtype)
+
+    def matmul(self, x: jax.Array, dtype: Any) -> jax.Array:
+        """x @ W: NF4 kernels through `nf4_matmul` (XLA or Pallas, one custom VJP), anything else densified."""
+        if self.quant_type == "nf4" and self.transposed and self.ndim == 2:
+            return nf4_matmul(x, self, dtype=dtype)
+        return x @ dequantize_kernel(self, dtype)
+
+    def partition_specs(self, mesh_sizes: Mapping[str, int],
+                        axis_choices: Sequence[tuple[str, ...]]) -> tuple["Quantized4bit", bool]:
+        """A Quantized4bit of PartitionSpecs: the packed codes and absmax split in contiguous runs of whole
+        blocks (when the blocks tile the weight exactly); the nested absmax and offset (a few bytes) replicated."""
+        k = self.absmax.shape[0]
+        chosen = None
+        if self.logical_size % self.blocksize == 0:
+            for axes in axis_choices:
+                axes = tuple(a for a in axes if mesh_sizes.get(a, 1) > 1)
+                if axes and k % math.prod(mesh_sizes[a] for a in axes) == 0:
+                    chosen = axes[0] if len(axes) == 1 else axes
+                    break
+        none = lambda x: None if x is None else PartitionSpec()  # noqa: E731
+        return dataclasses.replace(self, packed=PartitionSpec(chosen, None), absmax=PartitionSpec(chosen),
+                                   nested_absmax=none(self.nested_absmax), offset=none(self.offset)), chosen is not None
 
 
 def _check(shape: tuple[int, ...], dtype: Any, quant_type: str, blocksize: int, *, kernel: bool) -> None:
@@ -236,6 +274,22 @@ def dequantize_kernel(q: Quantized4bit, dtype: Any = None) -> jax.Array:
     return dequantize_4bit(q, dtype)
 
 
+def is_4bit_kernel(leaf: Any) -> bool:
+    """Whether `leaf` is a 4-bit (I, O) kernel as `quantize_kernel` makes it (what bitsandbytes stores)."""
+    return isinstance(leaf, Quantized4bit) and leaf.transposed and leaf.ndim == 2
+
+
+def kernel_from_storage(packed: jax.Array, absmax: jax.Array, nested_absmax: jax.Array | None,
+                        offset: jax.Array | None, *, quant_type: str, blocksize: int, dtype_name: str,
+                        shape: tuple[int, int], nested_blocksize: int | None = None) -> Quantized4bit:
+    """The 4-bit (I, O) kernel of `shape` whose bytes are stored in torch [O, I] order (bitsandbytes' layout):
+    packed uint8 ((N + 1) // 2, 1), absmax [K] (uint8 codes with double quantization, nested_absmax,
+    offset and nested_blocksize then given)."""
+    return Quantized4bit(packed, absmax, nested_absmax, offset, quant_type=quant_type, blocksize=blocksize,
+                         shape=tuple(shape), dtype_name=dtype_name, nested_blocksize=nested_blocksize,
+                         transposed=True)
+
+
 def quantize_params(
     params: Mapping,
     *,
@@ -262,7 +316,7 @@ def dequantize_params(params: Mapping, dtype: Any = None) -> dict:
     flat = {}
     for path, leaf in flatten_params(params).items():
         if path[-1] == "qkernel":
-            flat[path[:-1] + ("kernel",)] = dequantize_kernel(leaf, dtype)
+            flat[path[:-1] + ("kernel",)] = leaf.dequantize(dtype if dtype is not None else leaf.dtype)
         else:
             flat[path] = leaf
     return unflatten_params(flat)
@@ -271,14 +325,3 @@ def dequantize_params(params: Mapping, dtype: Any = None) -> dict:
 def param_bytes(params: Mapping) -> int:
     """Bytes the parameter tree holds (quantized kernels count their packed codes and statistics)."""
     return int(sum(leaf.nbytes for leaf in flatten_params(params).values()))
-
-
-def _read_qkernel(q: Quantized4bit, dtype: Any) -> jax.Array:
-    return dequantize_kernel(q, dtype)
-
-
-def register() -> None:
-    """Lets `ops.linear` read `{"qkernel": Quantized4bit}` modules (done on import of jaxpeft.quant)."""
-    from jaxpeft.models import ops
-
-    ops.KERNEL_READERS["qkernel"] = _read_qkernel

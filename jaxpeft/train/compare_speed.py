@@ -74,7 +74,8 @@ def _max_logit_diff(a: tuple[Any, Any], b: tuple[Any, Any], ids: np.ndarray, mas
 
 
 def _quantized(model_name: str | None, quantization: Mapping[str, Any], dtype: Any):
-    from jaxpeft.convert.bnb import Bnb4bitConfig, QuantizedBaseLoader
+    from jaxpeft.convert.bnb import Bnb4bitConfig
+    from jaxpeft.convert.load import QuantizedBaseLoader
 
     q = dict(quantization)
     if isinstance(q.get("targets"), list):

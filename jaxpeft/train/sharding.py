@@ -12,7 +12,8 @@ Logical axes (what a dimension means) map to mesh axes (where it lives) through 
     vocab -> tensor          the embedding's and lm_head's V, when the tensor size divides it
     blocks -> (fsdp, tensor) the blocks of a 4-bit kernel's flat codes
 
-Parameters (the canonical tree of models/llama.py):
+Parameters (the canonical tree of models/llama.py; each family's linears and their axes are in
+`models.families`):
 
     embed_tokens/embedding (V, D): (vocab, embed)      lm_head/kernel (D, V): (embed, vocab)
     q_proj (D, H*E): (embed, heads)   k_proj, v_proj (D, K*E): (embed, kv_heads)   o_proj: (heads, embed)
@@ -21,11 +22,11 @@ Parameters (the canonical tree of models/llama.py):
     lora_a (I, R): (kernel's I, None)   lora_b (R, O): (None, kernel's O)   lora_magnitude (O,): kernel's O
     self_attn/prefix_{key,value} (P, K*E): (None, kv_heads)   prompt/embeddings (P, D): (None, embed)
 
-A `Quantized4bit` kernel (`qkernel`) is sharded along its blocks: the packed codes ((N + 1) // 2, 1)
-and the per-block absmax (K,) are split in contiguous runs of whole blocks over fsdp x tensor, or over
-one of them, whichever divides K (the first that does, in that order); when none does, the kernel is
-replicated and a log line says so. The nested absmax and offset of double quantization are a few bytes
-and stay replicated. Leaves the rules do not know (another method's adapter) are replicated and
+A quantized kernel (`qkernel`, any `QuantizedKernel`) shards itself along its storage units over
+fsdp x tensor, or over one of them, whichever divides their count (the first that does, in that order);
+when none does, the kernel is replicated and a log line says so. A 4-bit kernel splits its packed codes
+((N + 1) // 2, 1) and per-block absmax (K,) in contiguous runs of whole blocks; the nested absmax and
+offset of double quantization are a few bytes and stay replicated. Leaves the rules do not know (another method's adapter) are replicated and
 logged. A tensor-parallel dimension that the tensor axis does not divide (heads, kv heads, the MLP
 width), or a hidden size that fsdp does not divide, is a ConfigError; the vocabulary alone falls back
 to replication.
@@ -51,6 +52,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.core.tree import Path, flatten_params, unflatten_params
+from jaxpeft.models.families import kernel_axes
+from jaxpeft.quant.protocol import QuantizedKernel
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -59,11 +62,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "batch": BATCH_AXES, "embed": ("fsdp",), "vocab": ("tensor",), "heads": ("tensor",),
     "kv_heads": ("tensor",), "mlp": ("tensor",), "blocks": ("fsdp", "tensor"),
 }
-KERNEL_AXES = {
-    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
-    "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
-    "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab"),
-}
+KERNEL_AXES = kernel_axes()  # {linear module name: (I, O) logical axes}, from the family table
 _BLOCK_AXES_CHOICES = (("fsdp", "tensor"), ("fsdp",), ("tensor",))
 
 
@@ -195,30 +194,13 @@ def _spec(logical: tuple, shape: tuple[int, ...], sizes: Mapping[str, int]) -> t
     return P(*out), ok
 
 
-def _quantized_specs(q: Any, sizes: Mapping[str, int]) -> tuple[Any, bool]:
-    """A Quantized4bit of PartitionSpecs: packed codes and absmax split along whole blocks."""
-    n, k = math.prod(q.shape), q.absmax.shape[0]
-    chosen = None
-    if n % q.blocksize == 0:
-        for axes in _BLOCK_AXES_CHOICES:
-            axes = tuple(a for a in axes if sizes.get(a, 1) > 1)
-            if axes and k % math.prod(sizes[a] for a in axes) == 0:
-                chosen = axes[0] if len(axes) == 1 else axes
-                break
-    none = lambda x: None if x is None else P()  # noqa: E731
-    return dataclasses.replace(q, packed=P(chosen, None), absmax=P(chosen), nested_absmax=none(q.nested_absmax),
-                               offset=none(q.offset)), chosen is not None
-
-
 def param_specs(params: Mapping, sizes: Mapping[str, int], *, log: bool = True) -> dict:
-    """A tree of PartitionSpecs (a Quantized4bit of specs for a 4-bit kernel) for `params` (arrays or
+    """A tree of PartitionSpecs (for a quantized kernel, its own structure of specs) for `params` (arrays or
     ShapeDtypeStructs) on a mesh of `sizes`."""
-    from jaxpeft.quant import Quantized4bit
-
     flat, unknown, replicated_q, replicated_vocab = {}, [], [], []
     for path, leaf in flatten_params(params).items():
-        if isinstance(leaf, Quantized4bit):
-            flat[path], ok = _quantized_specs(leaf, sizes)
+        if isinstance(leaf, QuantizedKernel):
+            flat[path], ok = leaf.partition_specs(sizes, _BLOCK_AXES_CHOICES)
             if not ok and sizes.get("fsdp", 1) * sizes.get("tensor", 1) > 1:
                 replicated_q.append("/".join(path))
             continue

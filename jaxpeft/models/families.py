@@ -1,0 +1,185 @@
+"""One table of model families, keyed by the HF `model_type`: everything outside a family's module that
+needs to know its structure reads it from here.
+
+A `Family` names its config class (read from `config.json` with `from_hf`), its Flax module, and one
+decoder layer's parts: each linear (its path in the layer, which is also its HF name, its in/out
+features as config attributes, the config flag that gives it a bias, its llama.cpp GGUF name, its
+logical sharding axes, the activation it reads in the backward) and each norm (path, GGUF name). The
+parts outside the layers (embedding, final norm, output head) are the same for every family today and
+are `Family` defaults.
+
+Readers: `convert/hf.py` and `convert/bnb.py` (the expected HF tensor names), `convert/gguf.py` (GGUF
+names), `convert/load.py` / `convert/bnb.py` / `plan/xla.py` (`build_model`), `train/sharding.py`
+(`kernel_axes`), `plan/shapes.py` and `plan/analytic.py` (`layer_linears`, norms).
+
+Adding a family: a module file (its config class with `from_hf`/`to_hf`, its Flax module keeping the
+`(config, dtype=, param_dtype=, remat=, dropout_rate=, deterministic=)` constructor) and one entry in
+`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from jaxpeft.core.errors import UnsupportedModelError
+from jaxpeft.models.config import ARCHITECTURES, LlamaConfig
+from jaxpeft.models.llama import LlamaForCausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearPart:
+    """One linear module of a decoder layer.
+
+    name: its path inside the layer, dotted ("self_attn.q_proj"; the HF name is
+    `model.layers.<i>.<name>.weight`). in_features / out_features: config attributes giving its (I, O).
+    bias: the config flag that gives it a bias (None: never). gguf: llama.cpp's tensor name inside
+    `blk.<i>` ("attn_q"). axes: the logical sharding axes of its (I, O) kernel (`train/sharding.RULES`).
+    reads: the activation it reads, kept for its weight gradient (the planner's label; linears that read
+    the same tensor share it).
+    """
+
+    name: str
+    in_features: str
+    out_features: str
+    gguf: str
+    axes: tuple[str, str]
+    reads: str
+    bias: str | None = None
+
+    @property
+    def short(self) -> str:
+        """The module's own name ("q_proj"), the last part of its path."""
+        return self.name.rsplit(".", 1)[-1]
+
+    def shape(self, config: Any) -> tuple[int, int]:
+        return int(getattr(config, self.in_features)), int(getattr(config, self.out_features))
+
+    def has_bias(self, config: Any) -> bool:
+        return self.bias is not None and bool(getattr(config, self.bias))
+
+
+@dataclasses.dataclass(frozen=True)
+class NormPart:
+    """One norm of a decoder layer: its path inside the layer and its llama.cpp GGUF name."""
+
+    name: str
+    gguf: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: config class, Flax module and the parts of its decoder layers (module docstring)."""
+
+    model_type: str
+    architecture: str  # the HF class name in config.json's `architectures`
+    config_class: type
+    module_class: type
+    linears: tuple[LinearPart, ...]
+    norms: tuple[NormPart, ...]
+    gguf_architecture: str | None = None  # GGUF `general.architecture` read as this family (None: none)
+    layers_prefix: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    head: str = "lm_head"
+    head_axes: tuple[str, str] = ("embed", "vocab")
+    gguf_globals: tuple[tuple[str, str], ...] = (
+        ("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head"))
+
+    def layer_prefix(self, layer: int) -> str:
+        return f"{self.layers_prefix}.{layer}"
+
+    def hf_names(self, config: Any) -> set[str]:
+        """Every tensor name an HF checkpoint of this family with `config` holds."""
+        names = {f"{self.embed}.weight", f"{self.final_norm}.weight"}
+        if not config.tie_word_embeddings:
+            names.add(f"{self.head}.weight")
+        for i in range(config.num_hidden_layers):
+            p = self.layer_prefix(i)
+            names |= {f"{p}.{n.name}.weight" for n in self.norms}
+            names |= {f"{p}.{m.name}.weight" for m in self.linears}
+            names |= {f"{p}.{m.name}.bias" for m in self.linears if m.has_bias(config)}
+        return names
+
+    def gguf_names(self) -> tuple[dict[str, str], dict[str, str]]:
+        """({GGUF global tensor: HF name}, {GGUF tensor inside blk.<i>: HF name inside the layer}), `.weight`s."""
+        globals_ = {f"{g}.weight": f"{h}.weight" for g, h in self.gguf_globals}
+        layer = {f"{p.gguf}.weight": f"{p.name}.weight" for p in (*self.linears, *self.norms)}
+        return globals_, layer
+
+
+_LLAMA_LINEARS = (
+    LinearPart("self_attn.q_proj", "hidden_size", "q_dim", "attn_q", ("embed", "heads"),
+               "normed x (input of q/k/v)", bias="attention_bias"),
+    LinearPart("self_attn.k_proj", "hidden_size", "kv_dim", "attn_k", ("embed", "kv_heads"),
+               "normed x (input of q/k/v)", bias="attention_bias"),
+    LinearPart("self_attn.v_proj", "hidden_size", "kv_dim", "attn_v", ("embed", "kv_heads"),
+               "normed x (input of q/k/v)", bias="attention_bias"),
+    LinearPart("self_attn.o_proj", "q_dim", "hidden_size", "attn_output", ("heads", "embed"),
+               "attention output (input of o_proj)", bias="o_proj_bias"),
+    LinearPart("mlp.gate_proj", "hidden_size", "intermediate_size", "ffn_gate", ("embed", "mlp"),
+               "normed x (input of gate/up)"),
+    LinearPart("mlp.up_proj", "hidden_size", "intermediate_size", "ffn_up", ("embed", "mlp"),
+               "normed x (input of gate/up)"),
+    LinearPart("mlp.down_proj", "intermediate_size", "hidden_size", "ffn_down", ("mlp", "embed"),
+               "silu(gate)*up (input of down_proj)"),
+)
+_LLAMA_NORMS = (NormPart("input_layernorm", "attn_norm"), NormPart("post_attention_layernorm", "ffn_norm"))
+
+
+def _llama_like(model_type: str, gguf_architecture: str | None = None) -> Family:
+    return Family(model_type=model_type, architecture=ARCHITECTURES[model_type], config_class=LlamaConfig,
+                  module_class=LlamaForCausalLM, linears=_LLAMA_LINEARS, norms=_LLAMA_NORMS,
+                  gguf_architecture=gguf_architecture)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": _llama_like("llama", gguf_architecture="llama"),
+    "mistral": _llama_like("mistral"),
+    "qwen2": _llama_like("qwen2"),
+}
+
+
+def family_of(model_type: str | None) -> Family:
+    """The family of an HF `model_type`; an unknown one is an error listing the supported types."""
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; jaxpeft supports {sorted(FAMILIES)}. "
+            "Use a checkpoint of one of those architectures.")
+    return FAMILIES[model_type]
+
+
+def gguf_family(architecture: str | None) -> Family:
+    """The family a GGUF file's `general.architecture` is read as; an unknown one names those supported."""
+    for family in FAMILIES.values():
+        if family.gguf_architecture is not None and family.gguf_architecture == architecture:
+            return family
+    supported = sorted(f.gguf_architecture for f in FAMILIES.values() if f.gguf_architecture)
+    raise UnsupportedModelError(
+        f"GGUF architecture {architecture!r} is not supported; only {supported} (Llama, SmolLM2, "
+        "Mistral-style dense models) can be read.")
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> Any:
+    """The config of an HF `config.json` dict, read by its family's config class."""
+    return family_of(hf.get("model_type")).config_class.from_hf(hf)
+
+
+def build_model(config: Any, **kwargs: Any) -> Any:
+    """The Flax module of `config`'s family: `module_class(config, dtype=..., param_dtype=..., remat=..., ...)`."""
+    return family_of(config.model_type).module_class(config, **kwargs)
+
+
+def kernel_axes() -> dict[str, tuple[str, str]]:
+    """{linear module name: logical (I, O) axes} over every family (names agree on axes across families)."""
+    out: dict[str, tuple[str, str]] = {}
+    for family in FAMILIES.values():
+        for name, axes in [(m.short, m.axes) for m in family.linears] + [(family.head, family.head_axes)]:
+            if out.setdefault(name, axes) != axes:
+                raise ValueError(f"{name}: families disagree on its sharding axes ({out[name]} vs {axes}); "
+                                 "give the module a distinct name or the same axes")
+    return out
+
+
+__all__ = ["FAMILIES", "Family", "LinearPart", "NormPart", "build_model", "config_from_hf", "family_of",
+           "gguf_family", "kernel_axes"]
