@@ -27,16 +27,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.core.errors import ConfigError, bullet_list
-from jaxpeft.core.tree import Path, dotted, flatten_params, unflatten_params
+from jaxpeft.core.tree import Path, dotted, module_leaves, unflatten_params
 
 LORA_FACTORS = ("lora_a", "lora_b", "lora_scale")
 
 
 def lora_modules(adapter: Mapping, *, name: str = "adapter", what: str = "combined") -> dict[Path, dict[str, Any]]:
     """{module path: {lora_a, lora_b, lora_scale}} of an adapter tree; one error lists what cannot be `what`."""
-    groups: dict[Path, dict[str, Any]] = {}
-    for path, leaf in flatten_params(adapter).items():
-        groups.setdefault(path[:-1], {})[path[-1]] = leaf
+    groups = module_leaves(adapter)
     problems = []
     for path, leaves in sorted(groups.items()):
         if "lora_magnitude" in leaves:
