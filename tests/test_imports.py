@@ -8,7 +8,7 @@ from pathlib import Path
 
 HEAVY = ("torch", "datasets", "gguf", "bitsandbytes", "matplotlib", "peft")
 MODULES = ("jaxpeft", "jaxpeft.methods", "jaxpeft.convert.peft_io", "jaxpeft.train.run", "jaxpeft.train.loop",
-           "jaxpeft.train.data", "jaxpeft.models.generate", "jaxpeft.convert.load")
+           "jaxpeft.data", "jaxpeft.models.generate", "jaxpeft.convert.load")
 
 
 def test_library_imports_stay_light():
