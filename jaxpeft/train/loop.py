@@ -13,7 +13,7 @@ from absl import logging
 from jaxpeft.core.errors import JaxPeftError
 from jaxpeft.core.partition import combine, split_trainable
 from jaxpeft.train import optim, step as step_lib
-from jaxpeft.train.runners import PmapRunner, make_runner
+from jaxpeft.train.runners import make_runner
 from jaxpeft.train.sharding import ParallelConfig
 
 
@@ -44,26 +44,23 @@ class Trainer:
     def __init__(self, model: Any, params: Mapping, labels: Mapping, *, optim_cfg: optim.OptimConfig,
                  train_cfg: TrainConfig, max_targets: int, train_model: Any | None = None,
                  parallel: ParallelConfig | None = None) -> None:
-        """`parallel`: a `sharding.ParallelConfig` (a mesh, or pmap); None runs on the default device (a
-        mesh of one)."""
+        """`parallel`: a `sharding.ParallelConfig` (a mesh, or pmap: every device on data); None runs on the
+        default device (a mesh of one)."""
         self.model, self.cfg = model, train_cfg
         trainable, frozen = split_trainable(params, labels)
         self.tx = optim.adamw(optim_cfg)
         self.schedule = optim.schedule(optim_cfg)
-        fn = lambda axis: step_lib.train_step_fn(model, self.tx, max_targets=max_targets,  # noqa: E731
-                                                  train_model=train_model, axis_name=axis)
-        self._runner = make_runner(
-            parallel, model_config=getattr(model, "config", None),
-            micro_rows=train_cfg.batch_size // train_cfg.grad_accum, step_fn=fn(None),
-            pmap_step_fn=fn(PmapRunner.AXIS), tx=self.tx, trainable=trainable, frozen=frozen,
-            seed=train_cfg.seed)
+        step_fn = step_lib.train_step_fn(model, self.tx, max_targets=max_targets, train_model=train_model)
+        self._runner = make_runner(parallel, model_config=getattr(model, "config", None),
+                                   micro_rows=train_cfg.batch_size // train_cfg.grad_accum, step_fn=step_fn,
+                                   tx=self.tx, trainable=trainable, frozen=frozen, seed=train_cfg.seed)
         self.frozen, self._state = self._runner.frozen, self._runner.initial_state
         self.max_targets = max_targets
 
     @property
     def state(self) -> dict:
-        """The train state; under pmap, one device's copy (the form checkpoints hold)."""
-        return self._runner.export_state(self._state)
+        """The train state (global arrays on the runner's mesh; checkpoints hold this form)."""
+        return self._state
 
     @state.setter
     def state(self, value: dict) -> None:
@@ -75,7 +72,7 @@ class Trainer:
 
     def params(self) -> dict:
         """The full parameter tree (frozen base + current trainable leaves)."""
-        return combine(self._runner.export_frozen(self.frozen), self.state["params"])
+        return combine(self.frozen, self._state["params"])
 
     def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
         a = self.cfg.grad_accum
