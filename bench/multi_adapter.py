@@ -35,10 +35,19 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # `python bench/multi_adapter.py` puts bench/ first on the path, not the repo
     sys.path.insert(0, _REPO)
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxpeft.core import partition  # noqa: E402
+from jaxpeft.core.tree import flatten_params, unflatten_params  # noqa: E402
+from jaxpeft.methods.lora import Lora, LoraConfig  # noqa: E402
+from jaxpeft.models.config import LlamaConfig  # noqa: E402
+from jaxpeft.models.generate import generate  # noqa: E402
+from jaxpeft.models.llama import LlamaForCausalLM  # noqa: E402
+from jaxpeft.multi import per_example_generate, stack  # noqa: E402
+
 
 def configs():
-    from jaxpeft.models.config import LlamaConfig
-
     return {
         "tiny": LlamaConfig(vocab_size=61, hidden_size=40, intermediate_size=52, num_hidden_layers=2,
                             num_attention_heads=5, num_key_value_heads=1, head_dim=8, max_position_embeddings=256),
@@ -76,16 +85,6 @@ def _timed(fn, reps: int) -> tuple[float, list[float], object]:
 
 
 def run_config(name: str, config, args) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from jaxpeft.core import partition
-    from jaxpeft.core.tree import flatten_params, unflatten_params
-    from jaxpeft.methods.lora import Lora, LoraConfig
-    from jaxpeft.models.generate import generate
-    from jaxpeft.models.llama import LlamaForCausalLM
-    from jaxpeft.multi import per_example_generate, stack
-
     model = LlamaForCausalLM(config)
     start = time.perf_counter()
     base = jax.jit(model.init)(jax.random.key(args.seed), jnp.ones((1, 8), jnp.int32))["params"]

@@ -13,7 +13,7 @@ the torch side uses the same formula through LambdaLR).
     python -m bench.train_step --data random          # random ids, loss on the second half of every row
 
 The parent builds one batch (default: real `builtin:dates` records, encoded and padded to 4 x 128 by
-`jaxpeft.train.data`; 11 target tokens per row) and one set of LoRA A matrices (seeded numpy, PEFT's
+`jaxpeft.data`; 11 target tokens per row) and one set of LoRA A matrices (seeded numpy, PEFT's
 kaiming-uniform bound 1/sqrt(in)), writes them to a temporary .npz, and runs every side in its own
 subprocess (`--side=jax` / `--side=torch`, internal), each training on that same batch every step. LoRA B is
 zero at init on both sides, so the step-0 loss is the base model's; the parent checks that the two step-0
@@ -159,7 +159,7 @@ def build_inputs(args: argparse.Namespace, folder: str) -> tuple[dict[str, np.nd
     else:
         from transformers import AutoTokenizer
 
-        from jaxpeft.train.data import Batcher, encode_records, load_records
+        from jaxpeft.data import Batcher, encode_records, load_records
 
         tok = AutoTokenizer.from_pretrained(folder)
         records, _ = load_records("builtin:dates", seed=args.seed)

@@ -27,9 +27,11 @@ from __future__ import annotations
 import shlex
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from experiments.common import log_to_stderr, run_app
+from jaxpeft import compare
+from jaxpeft.compare.report import main_table_markdown, size_table_markdown
 
 _OUT = flags.DEFINE_string("out", None, "Folder for compare.md/json/png, the run folders and logs.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smoke test: a tiny random model (unless --model), 3 steps, 4 eval "
@@ -70,10 +72,7 @@ def parse_lrs(text: str | None) -> tuple[tuple[str, tuple[float, ...]], ...]:
 
 
 def print_size_table() -> bool:
-    from jaxpeft.train.compare import adapter_size_table
-    from jaxpeft.train.compare_report import size_table_markdown
-
-    rows = adapter_size_table()
+    rows = compare.adapter_size_table()
     print("LoRA adapter size for a 7B Llama (q,k,v,o of 32 layers, hidden 4096, fp16), from shapes:")
     print(size_table_markdown(rows))
     ok = all(r["agrees"] for r in rows)
@@ -94,11 +93,6 @@ def main(argv) -> None:
         sys.exit(0 if size_ok else 1)
     if not _OUT.value:
         raise app.UsageError("--out is required: the folder for compare.md/json/png and the run folders")
-
-    from absl import logging
-
-    from jaxpeft.train import compare
-    from jaxpeft.train.compare_report import main_table_markdown
 
     model, tmp = _MODEL.value, None
     if _QUICK.value and model is None:

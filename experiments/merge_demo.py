@@ -58,7 +58,8 @@ def _train(out: Path, task: str) -> Path:
 
 
 def _examples(tokenizer, task: str):
-    from jaxpeft.train import data, tasks
+    from jaxpeft import data
+    from jaxpeft.data import tasks
 
     _, eval_records = data.load_records(f"builtin:{task}", seed=0)
     return data.eval_prompts(tokenizer, eval_records[: _EVAL.value]), tasks.get_task(task)

@@ -80,7 +80,7 @@ def tiny_tokenizer(corpus, vocab_size: int = 293):
 
 def tiny_model_folder(path, *, layers: int = 2, seed: int = 0) -> str:
     """A tiny random Llama + tokenizer saved as an HF folder: a `--model` for end-to-end runs."""
-    from jaxpeft.train.tasks import get_task
+    from jaxpeft.data.tasks import get_task
 
     records = get_task("dates").make_split("train", 200, 0)
     tok = tiny_tokenizer([r["instruction"] + " " + r["input"] + " " + r["output"] for r in records])

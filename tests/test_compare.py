@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from jaxpeft.core.errors import ConfigError
-from jaxpeft.train import compare
-from jaxpeft.train.compare_report import render_markdown, table_rows, write_report
+from jaxpeft import compare
+from jaxpeft.compare.report import render_markdown, table_rows, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "REFERENCE.md"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxpeft.core.errors import ConfigError, DataError
-from jaxpeft.train import data
+from jaxpeft import data
 from tests import hf_tiny
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -282,7 +282,7 @@ def test_import_does_not_pull_in_datasets_or_torch():
     import sys
 
     code = (
-        "import sys, jaxpeft.train.data; print('datasets' in sys.modules, 'torch' in sys.modules)"
+        "import sys, jaxpeft.data; print('datasets' in sys.modules, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

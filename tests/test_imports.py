@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "jaxpeft"
 HEAVY = ("torch", "datasets", "gguf", "bitsandbytes", "matplotlib", "peft", "tensorboardX")
 MODULES = ("jaxpeft", "jaxpeft.methods", "jaxpeft.convert.peft.lora", "jaxpeft.train.run", "jaxpeft.train.loop",
-           "jaxpeft.models.generate", "jaxpeft.convert.load", "jaxpeft.multi", "jaxpeft.merge", "jaxpeft.plan")
+           "jaxpeft.data", "jaxpeft.models.generate", "jaxpeft.convert.load", "jaxpeft.multi", "jaxpeft.merge",
+           "jaxpeft.plan")
 
 
 def _module_name(path: Path) -> str:

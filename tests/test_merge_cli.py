@@ -19,7 +19,7 @@ from jaxpeft.core.errors import CheckpointError, ConfigError
 from jaxpeft.core.tree import dotted, flatten_params, unflatten_params
 from jaxpeft.merge.folders import MergeConfig, merge_folders, read_lora_folder, write_lora_folder
 from jaxpeft.methods.lora import Lora, LoraConfig
-from jaxpeft.train.tasks import get_task, time_split_of
+from jaxpeft.data.tasks import get_task, time_split_of
 from tests.cli import run_module as _run
 from tests import tolerances
 from tests.hf_tiny import hf_logits, tiny_model_folder

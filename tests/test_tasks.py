@@ -8,7 +8,7 @@ import re
 import pytest
 
 from jaxpeft.core.errors import ConfigError
-from jaxpeft.train import tasks
+from jaxpeft.data import tasks
 
 
 @pytest.fixture(scope="module")

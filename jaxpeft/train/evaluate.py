@@ -1,13 +1,21 @@
-"""Evaluation: loss/perplexity over held-out batches, and generation-based task metrics."""
+"""Evaluation: loss/perplexity over held-out batches, generation-based task metrics, and the `Evaluator`
+a run calls before, during and after training."""
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+from absl import logging
 
+from jaxpeft.data.batching import ordered_batches
+from jaxpeft.data.encode import eval_prompts
 from jaxpeft.models.generate import SamplingConfig, generate, stop_ids_for
+from jaxpeft.train.loop import micro_batch_targets
+from jaxpeft.train.run_data import RunData
+from jaxpeft.train.step import make_eval_step
 
 
 def eval_loss(eval_step: Callable, params: Mapping, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
@@ -54,3 +62,33 @@ def generation_eval(
                 shown.append({"prediction": pred, "reference": ref})
     n = max(len(examples), 1)
     return {**{k: v / n for k, v in totals.items()}, "n": len(examples), "samples": shown}
+
+
+class Evaluator:
+    """A run's held-out evaluation: the loss over the encoded held-out examples (batches of up to 32 rows)
+    and the task metrics of greedy generation on their prompts. `evaluator(params)` returns both."""
+
+    def __init__(self, model: Any, tokenizer: Any, data: RunData) -> None:
+        self.model, self.tokenizer, self.data = model, tokenizer, data
+        self.rows = max(1, min(32, len(data.eval_encoded)))
+        targets = micro_batch_targets(data.eval_encoded, self.rows, data.seq_len, False)
+        self.eval_step = make_eval_step(model, max_targets=targets)
+        self.prompts = eval_prompts(tokenizer, data.eval_records)
+
+    def __call__(self, params: Mapping) -> dict[str, Any]:
+        data = self.data
+        start = time.perf_counter()
+        result = eval_loss(self.eval_step, params, ordered_batches(data.eval_encoded, self.rows, data.seq_len,
+                                                                   data.pad_id))
+        mid = time.perf_counter()
+        result.update({f"eval_{k}": v for k, v in generation_eval(
+            self.model, params, self.tokenizer, self.prompts, data.score,
+            max_new_tokens=data.max_new_tokens).items()})
+        logging.info("evaluation: loss %.1f s, generation on %d examples %.1f s", mid - start, len(self.prompts),
+                     time.perf_counter() - mid)
+        return result
+
+
+def scalars(d: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of an evaluation (what metrics.jsonl and results.json hold)."""
+    return {k: v for k, v in d.items() if isinstance(v, (int, float))}

@@ -1,4 +1,4 @@
-"""The training loop: jitted steps over the trainable partition, logging, evaluation, checkpoints, resume."""
+"""The training loop: steps over the trainable partition on a runner, logging, evaluation and saving hooks."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from absl import logging
 from jaxpeft.core.errors import JaxPeftError
 from jaxpeft.core.partition import combine, split_trainable
 from jaxpeft.train import optim, step as step_lib
+from jaxpeft.train.runners import make_runner
+from jaxpeft.train.sharding import ParallelConfig
 
 
 class NonFiniteLossError(JaxPeftError, FloatingPointError):
@@ -37,42 +39,32 @@ class TrainConfig:
 
 
 class Trainer:
-    """Holds the frozen base, the train state, and the jitted step."""
+    """Holds the frozen base, the train state, and the step, all on a runner (train/runners.py)."""
 
     def __init__(self, model: Any, params: Mapping, labels: Mapping, *, optim_cfg: optim.OptimConfig,
                  train_cfg: TrainConfig, max_targets: int, train_model: Any | None = None,
-                 parallel: Any | None = None) -> None:
-        """`parallel`: a `sharding.ParallelConfig` (a mesh, or pmap); None runs on the default device."""
+                 parallel: ParallelConfig | None = None) -> None:
+        """`parallel`: a `sharding.ParallelConfig` (a mesh, or pmap: every device on data); None runs on the
+        default device (a mesh of one)."""
         self.model, self.cfg = model, train_cfg
-        trainable, self.frozen = split_trainable(params, labels)
+        trainable, frozen = split_trainable(params, labels)
         self.tx = optim.adamw(optim_cfg)
         self.schedule = optim.schedule(optim_cfg)
-        self._runner = None
-        if parallel is None:
-            self.state = step_lib.init_state(trainable, self.tx, train_cfg.seed)
-            self._step = step_lib.make_train_step(model, self.tx, max_targets=max_targets, train_model=train_model)
-        else:
-            from jaxpeft.train import sharding
-
-            fn = lambda axis: step_lib.train_step_fn(model, self.tx, max_targets=max_targets,  # noqa: E731
-                                                      train_model=train_model, axis_name=axis)
-            self._runner = sharding.make_runner(
-                parallel, model_config=getattr(model, "config", None),
-                micro_rows=train_cfg.batch_size // train_cfg.grad_accum, step_fn=fn(None),
-                pmap_step_fn=fn(sharding.PmapRunner.AXIS), tx=self.tx, trainable=trainable, frozen=self.frozen,
-                seed=train_cfg.seed)
-            self.frozen, self._state, self._step = self._runner.frozen, self._runner.initial_state, self._runner.step
+        step_fn = step_lib.train_step_fn(model, self.tx, max_targets=max_targets, train_model=train_model)
+        self._runner = make_runner(parallel, model_config=getattr(model, "config", None),
+                                   micro_rows=train_cfg.batch_size // train_cfg.grad_accum, step_fn=step_fn,
+                                   tx=self.tx, trainable=trainable, frozen=frozen, seed=train_cfg.seed)
+        self.frozen, self._state = self._runner.frozen, self._runner.initial_state
         self.max_targets = max_targets
-        self._compiled: dict[tuple, Callable] = {}
 
     @property
     def state(self) -> dict:
-        """The train state; under pmap, one device's copy (the form checkpoints hold)."""
-        return self._state if self._runner is None else self._runner.export_state(self._state)
+        """The train state (global arrays on the runner's mesh; checkpoints hold this form)."""
+        return self._state
 
     @state.setter
     def state(self, value: dict) -> None:
-        self._state = value if self._runner is None else self._runner.import_state(value)
+        self._state = self._runner.import_state(value)
 
     @property
     def step(self) -> int:
@@ -80,8 +72,7 @@ class Trainer:
 
     def params(self) -> dict:
         """The full parameter tree (frozen base + current trainable leaves)."""
-        frozen = self.frozen if self._runner is None else self._runner.export_frozen(self.frozen)
-        return combine(frozen, self.state["params"])
+        return combine(self.frozen, self._state["params"])
 
     def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
         a = self.cfg.grad_accum
@@ -89,22 +80,8 @@ class Trainer:
         targets = micro["loss_mask"][:, :, 1:].reshape(a, -1).sum(axis=1).max()
         if targets > self.max_targets:
             raise ValueError(f"a micro-batch has {targets} target tokens but max_targets is {self.max_targets}")
-        self._state, metrics = self._compiled_step(micro)(self._state, self.frozen, micro)
+        self._state, metrics = self._runner.step(self._state, self.frozen, micro)
         return {k: float(v) for k, v in metrics.items()}
-
-    def _compiled_step(self, micro: Mapping[str, np.ndarray]) -> Callable:
-        """The step for this batch shape, compiled ahead of its first run (default device only).
-
-        Compiling apart from running lets the compiler's freed working memory go back to the OS before
-        the step allocates its buffers, so the two peaks do not stack (SmolLM2 QLoRA: the process peak
-        during steps fell from 2.59 to 2.28 GB, `/tmp`-probe figures in BUILD_NOTES.md)."""
-        if self._runner is not None:
-            return self._step
-        key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(micro.items()))
-        if key not in self._compiled:
-            self._compiled[key] = self._step.lower(self._state, self.frozen, micro).compile()
-            release_freed_memory()
-        return self._compiled[key]
 
     def fit(
         self,
@@ -165,20 +142,3 @@ def micro_batch_targets(encoded: list[Mapping[str, Any]], rows: int, seq_len: in
     bound = rows * min(per_row, seq_len - 1)
     return max(8, -(-bound // 8) * 8)
 
-
-def release_freed_memory() -> None:
-    """Returns memory freed inside the process to the OS (glibc's malloc_trim; a no-op elsewhere).
-
-    XLA's compiler and a fp32 load before quantization free hundreds of MB that glibc otherwise keeps
-    mapped; without this they add to the process peak of the steps that follow."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-    except OSError:
-        trim = None
-    if trim is not None:
-        trim(0)

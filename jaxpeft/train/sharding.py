@@ -45,7 +45,6 @@ import re
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -278,96 +277,3 @@ def init_params(init_fn: Callable[[jax.Array], Mapping], key: jax.Array, mesh: M
     e.g. `lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]`."""
     abstract = jax.eval_shape(init_fn, key)
     return jax.jit(init_fn, out_shardings=param_shardings(abstract, mesh))(key)
-
-
-# ---- runners: what the Trainer calls instead of the single-device jitted step --------------------------
-
-class MeshRunner:
-    """The state and frozen base as global arrays on `mesh`; the step jitted with explicit shardings."""
-
-    def __init__(self, mesh: Mesh, step_fn: Callable, tx: Any, trainable: Mapping, frozen: Mapping,
-                 seed: int) -> None:
-        self.mesh = mesh
-        frozen_sh = param_shardings(frozen, mesh)
-        trainable_sh = param_shardings(trainable, mesh)
-        self.frozen = place(frozen, frozen_sh)
-
-        def init(params):
-            return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
-                    "rng": jax.random.PRNGKey(seed)}
-
-        self.state_sh = state_shardings(jax.eval_shape(init, trainable), trainable_sh, mesh)
-        # A jitted init: the optimizer state is created sharded and the params are fresh (donatable) buffers.
-        self.initial_state = jax.jit(init, out_shardings=self.state_sh)(place(trainable, trainable_sh))
-        self._batch_sh = batch_sharding(mesh)
-        replicated = NamedSharding(mesh, P())
-        self._step = jax.jit(step_fn, donate_argnums=(0,), in_shardings=(self.state_sh, frozen_sh, self._batch_sh),
-                             out_shardings=(self.state_sh, replicated))
-
-    def step(self, state, frozen, micro):
-        batch = {k: place(np.asarray(v), self._batch_sh) for k, v in micro.items()}
-        return self._step(state, frozen, batch)
-
-    def export_state(self, state):
-        return state
-
-    def import_state(self, state):
-        return place(state, self.state_sh)
-
-    def export_frozen(self, frozen):
-        return frozen
-
-
-class PmapRunner:
-    """Data parallelism with pmap: state and frozen base replicated (leading device axis) on the local
-    devices, each micro-batch's rows split over them; this process takes its share of the rows."""
-
-    AXIS = "batch"
-
-    def __init__(self, step_fn: Callable, tx: Any, trainable: Mapping, frozen: Mapping, seed: int) -> None:
-        from jaxpeft.train.step import init_state
-
-        self.n = jax.local_device_count()
-        self.frozen = self._replicate(frozen)
-        self.initial_state = self._replicate(init_state(trainable, tx, seed))
-        self._step = jax.pmap(step_fn, axis_name=self.AXIS, donate_argnums=(0,))
-
-    def _replicate(self, tree):
-        return jax.pmap(lambda _, t: t, in_axes=(0, None))(np.arange(self.n), tree)
-
-    def step(self, state, frozen, micro):
-        procs, me = jax.process_count(), jax.process_index()
-
-        def split(v):
-            v = np.asarray(v)
-            a, b = v.shape[:2]
-            local = v.reshape(a, procs, b // procs, *v.shape[2:])[:, me]
-            return local.reshape(a, self.n, b // (procs * self.n), *v.shape[2:]).swapaxes(0, 1)
-
-        state, metrics = self._step(state, frozen, {k: split(v) for k, v in micro.items()})
-        return state, {k: v[0] for k, v in metrics.items()}
-
-    def export_state(self, state):
-        return jax.tree.map(lambda x: x[0], state)
-
-    def import_state(self, state):
-        return self._replicate(state)
-
-    def export_frozen(self, frozen):
-        return jax.tree.map(lambda x: x[0], frozen)
-
-
-def make_runner(cfg: ParallelConfig, *, model_config: Any, micro_rows: int, step_fn: Callable,
-                pmap_step_fn: Callable, tx: Any, trainable: Mapping, frozen: Mapping, seed: int):
-    """The runner for `cfg`, after checking that the mesh fits the model and the batch."""
-    if cfg.parallel == "pmap":
-        n = jax.local_device_count() * jax.process_count()
-        if micro_rows % n:
-            raise ConfigError(f"--parallel=pmap splits each micro-batch's {micro_rows} rows over {n} devices; "
-                              f"use a batch_size / grad_accum that is a multiple of {n}.")
-        logging.info("pmap data parallelism over %d devices (%d local)", n, jax.local_device_count())
-        return PmapRunner(pmap_step_fn, tx, trainable, frozen, seed)
-    mesh = make_mesh(cfg.mesh)
-    check_model_fits(mesh_sizes(mesh), model_config, micro_rows=micro_rows)
-    logging.info("mesh %s over %d devices (%d processes)", mesh_sizes(mesh), mesh.size, jax.process_count())
-    return MeshRunner(mesh, step_fn, tx, trainable, frozen, seed)

@@ -4,7 +4,7 @@ Shape legend: A accumulation micro-steps, B micro-batch rows, S sequence length,
 static number of target slots per micro-batch (targets are gathered, so the vocabulary projection
 runs on K rows instead of B*S), V vocab.
 
-Loss-mask convention (see train/data.py): loss_mask[b, t] == 1 means token t is a target, predicted
+Loss-mask convention (see data/encode.py): loss_mask[b, t] == 1 means token t is a target, predicted
 by the hidden state at t - 1.
 """
 

@@ -1,12 +1,13 @@
-"""The method comparison (`python -m experiments.compare`): the library side.
+"""The method comparison (`python -m experiments.compare`): the library side, without flags.
 
 Every method is trained by its own entry point (`python -m experiments.<method>`) in its own child
 process, so each run's peak memory is that process's own peak RSS (read with `os.wait4`), and every
 method gets the same step budget, batch, data order and held-out examples. A run folder
-(jaxpeft/train/run.py) then gives the rest: parameter counts (config.json), the held-out metrics
+(jaxpeft/train/run_folder.py) then gives the rest: parameter counts (config.json), the held-out metrics
 before and after (results.json), per-step training tokens/s (metrics.jsonl) and the saved artifact
 (adapter/ or model/). Generation speed is measured afterwards in one process
-(`jaxpeft.train.compare_speed`), and the report written by `jaxpeft.train.compare_report`.
+(`jaxpeft.compare.speed`), and the report written by `jaxpeft.compare.report`. Child processes and
+their peak memory: `jaxpeft.compare.children`; the 7B adapter-size table: `jaxpeft.compare.sizes`.
 
 Learning rates: each method trains at its entry point's default learning rate (the `lrs[0]` below),
 because a sweep over every method does not fit the comparison's 60-minute CPU budget; `sweep=True`
@@ -20,14 +21,20 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from jaxpeft.compare import report, speed
+from jaxpeft.compare.children import run_child
+from jaxpeft.compare.sizes import adapter_size_table
 from jaxpeft.core.errors import ConfigError, bullet_list
+from jaxpeft.methods import get_method
+from jaxpeft.train.metrics import read_metrics
+from jaxpeft.train.run_folder import library_versions
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -103,68 +110,6 @@ class CompareConfig:
         return SPECS[label].lrs if self.sweep else SPECS[label].lrs[:1]
 
 
-@dataclasses.dataclass(frozen=True)
-class ChildRun:
-    returncode: int
-    # The child's own peak resident set (ru_maxrss from wait4 in a lean intermediate process: Linux folds
-    # the peak of the address space a child is forked or vforked from into its ru_maxrss, so the child is
-    # forked from a ~10 MB wrapper, not from the launcher).
-    peak_rss_bytes: int
-    wall_s: float
-    launcher_peak_rss_bytes: int  # the launcher's own peak (VmHWM) when it started the child, for the record
-
-
-# Forks and execs the command from a fresh, small interpreter and writes its exit status and ru_maxrss.
-_PEAK_WRAPPER = r"""
-import json, os, sys
-out, argv = sys.argv[1], sys.argv[2:]
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execvp(argv[0], argv)
-    finally:
-        os._exit(127)
-_, status, usage = os.wait4(pid, 0)
-with open(out, "w") as f:
-    json.dump({"status": status, "maxrss_kib": usage.ru_maxrss}, f)
-"""
-
-
-def run_child(argv: Sequence[str], *, log_path: str | os.PathLike, env: Mapping[str, str] | None = None,
-              cwd: str | os.PathLike | None = None) -> ChildRun:
-    """Runs `argv` with stdout+stderr to `log_path`; returns its exit code, its own peak RSS and wall time."""
-    import tempfile
-
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    launcher = own_peak_rss_bytes()
-    start = time.perf_counter()
-    with open(log_path, "w") as log, tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "child.json"
-        proc = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, str(report), *argv], stdout=log,
-                              stderr=subprocess.STDOUT, env=dict(env or os.environ), cwd=cwd, check=False)
-        if proc.returncode != 0 or not report.exists():
-            raise RuntimeError(f"the peak-memory wrapper failed (rc {proc.returncode}) running {list(argv)}; "
-                               f"see {log_path}")
-        child = json.loads(report.read_text())
-    wall = time.perf_counter() - start
-    return ChildRun(os.waitstatus_to_exitcode(child["status"]), int(child["maxrss_kib"]) * 1024, wall, launcher)
-
-
-def own_peak_rss_bytes() -> int:
-    """This process's address-space peak (VmHWM). Unlike ru_maxrss it leaves out whatever process this one
-    was forked from, and it is what a child forked now inherits."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
-
-
 def lr_text(lr: float) -> str:
     return f"{lr:g}"
 
@@ -202,8 +147,6 @@ def train_tokens_per_s(records: Sequence[Mapping[str, Any]]) -> float | None:
 
 def summarize_run(run_dir: str | os.PathLike, artifact_name: str) -> dict[str, Any]:
     """What the comparison reads from one run folder."""
-    from jaxpeft.train.metrics import read_metrics
-
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     results = json.loads((run_dir / "results.json").read_text())
@@ -237,10 +180,6 @@ def run_trainings(cfg: CompareConfig, *, on_event=None) -> dict[str, dict[str, A
     (every learning rate with its metric); a method whose every run failed has `error` instead.
     `on_event(message)` hears about each run as it starts and ends.
     """
-    import shutil
-
-    from jaxpeft.methods import get_method
-
     out = Path(cfg.out)
     rows: dict[str, dict[str, Any]] = {}
     for label in cfg.methods:
@@ -287,8 +226,6 @@ def run_trainings(cfg: CompareConfig, *, on_event=None) -> dict[str, dict[str, A
 def base_metrics(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
     """The base model's held-out metrics, measured once: the "before" of a run whose method equals the
     base at init on the unquantized base (full, LoRA, IA3 or adapters), or None when no such run ran."""
-    from jaxpeft.methods import get_method
-
     for label in ("full", "lora", "ia3", "adapters"):
         row = rows.get(label)
         if row and "before" in row and get_method(SPECS[label].method).identity_at_init:
@@ -301,33 +238,6 @@ def _tail(path: Path, chars: int = 2000) -> str:
         return Path(path).read_text(errors="replace")[-chars:]
     except OSError as e:
         return f"(no log: {e})"
-
-
-# The article's adapter sizes for a 7B Llama (REFERENCE.md, "Numbers from the seed article"): LoRA on
-# q, k, v, o of 32 layers, hidden 4096, fp16, in MB.
-REFERENCE_7B_MB: dict[int, float] = {4: 8, 8: 16, 16: 33, 32: 67, 64: 134}
-
-
-def lora_adapter_size(rank: int, *, layers: int = 32, hidden: int = 4096, matrices: int = 4,
-                      bytes_per_param: int = 2) -> tuple[int, int]:
-    """(parameters, bytes) of LoRA at `rank` on `matrices` square hidden x hidden projections per layer:
-    A is (hidden, r) and B (r, hidden), so 2 * hidden * r parameters a matrix."""
-    params = layers * matrices * 2 * hidden * rank
-    return params, params * bytes_per_param
-
-
-def adapter_size_table(ranks: Sequence[int] = tuple(REFERENCE_7B_MB)) -> list[dict[str, Any]]:
-    """The 7B table from shapes, each row beside the article's figure (MB = 10^6 bytes)."""
-    rows = []
-    for r in ranks:
-        params, nbytes = lora_adapter_size(r)
-        ref = REFERENCE_7B_MB.get(r)
-        mb = nbytes / 1e6
-        rows.append({"rank": r, "parameters": params, "bytes": nbytes, "MB": mb, "MiB": nbytes / 2**20,
-                     "reference_MB": ref,
-                     # The article rounds down ("~8 MB" for 8.39): agree when within 5 % of it.
-                     "agrees": ref is not None and abs(mb - ref) / ref < 0.05})
-    return rows
 
 
 def lr_choice_text(cfg: CompareConfig) -> str:
@@ -349,8 +259,6 @@ def lr_choice_text(cfg: CompareConfig) -> str:
 
 def prepare_out(cfg: CompareConfig) -> Path:
     """Refuses a non-empty --out unless overwrite (which empties it first)."""
-    import shutil
-
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
@@ -365,21 +273,17 @@ def run_comparison(cfg: CompareConfig, *, command: str = "", on_event=None) -> d
     """Trains every method, times generation, and writes compare.{json,md,png} under `cfg.out`.
 
     Returns the summary (the content of compare.json)."""
-    from jaxpeft.methods import get_method
-    from jaxpeft.train import compare_report, compare_speed
-    from jaxpeft.train.run import library_versions
-
     start = time.perf_counter()
     out = prepare_out(cfg)
     rows = run_trainings(cfg, on_event=on_event)
-    variants = [compare_speed.Variant(label=k, method=r["method"], artifact=r["artifact"],
+    variants = [speed.Variant(label=k, method=r["method"], artifact=r["artifact"],
                                       quantization=(r["settings"].get("base_loader") or {}).get("quantization")
                                       if SPECS[k].quantized_base else None)
                 for k, r in rows.items() if "error" not in r]
-    speed_cfg = compare_speed.SpeedConfig(prompts=cfg.gen_prompts, new_tokens=cfg.gen_tokens, rounds=cfg.gen_rounds)
+    speed_cfg = speed.SpeedConfig(prompts=cfg.gen_prompts, new_tokens=cfg.gen_tokens, rounds=cfg.gen_rounds)
     gen_start = time.perf_counter()
     try:
-        generation = compare_speed.measure_generation(cfg.model, variants, cfg=speed_cfg, on_event=on_event)
+        generation = speed.measure_generation(cfg.model, variants, cfg=speed_cfg, on_event=on_event)
     except Exception as e:  # noqa: BLE001  (keep the training results: the report says what failed)
         generation = {"error": f"{type(e).__name__}: {e}", "variants": {}}
     generation["wall_s"] = time.perf_counter() - gen_start
@@ -396,5 +300,5 @@ def run_comparison(cfg: CompareConfig, *, command: str = "", on_event=None) -> d
         "versions": library_versions(),
     }
     summary["wall_s"] = time.perf_counter() - start
-    compare_report.write_report(out, summary)
+    report.write_report(out, summary)
     return summary

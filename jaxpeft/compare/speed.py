@@ -15,7 +15,16 @@ import dataclasses
 import time
 from typing import Any, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+
+from jaxpeft.convert.bnb import Bnb4bitConfig
+from jaxpeft.convert.load import QuantizedBaseLoader, from_pretrained
+from jaxpeft.data.encode import eval_prompts, pad_id_of
+from jaxpeft.data.records import load_records
+from jaxpeft.methods import get_method
+from jaxpeft.models.generate import generate, left_pad
+from jaxpeft.quant import dequantize_params
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,8 +50,6 @@ class _Timer:
         self.min_len = max(len(p) for p in prompts)
 
     def once(self, model: Any, params: Any) -> float:
-        from jaxpeft.models.generate import generate
-
         start = time.perf_counter()
         out = generate(model, params, self.prompts, max_new_tokens=self.cfg.new_tokens, stop_ids=(),
                        pad_id=self.pad_id, min_prompt_len=self.min_len)
@@ -74,9 +81,6 @@ def _max_logit_diff(a: tuple[Any, Any], b: tuple[Any, Any], ids: np.ndarray, mas
 
 
 def _quantized(model_name: str | None, quantization: Mapping[str, Any], dtype: Any):
-    from jaxpeft.convert.bnb import Bnb4bitConfig
-    from jaxpeft.convert.load import QuantizedBaseLoader
-
     q = dict(quantization)
     if isinstance(q.get("targets"), list):
         q["targets"] = tuple(q["targets"])
@@ -91,18 +95,10 @@ def measure_generation(model_name: str | None, variants: Sequence[Variant], *, c
     Returns {"base": {"tokens_per_s"}, "settings": {...}, "variants": {label: {"adapted": {...},
     "merged": {...} | None, "merged_max_logit_diff": float | None} or {"error": str}}}.
     """
-    import jax.numpy as jnp
-
-    import jaxpeft
-    from jaxpeft.methods import get_method
-    from jaxpeft.models.generate import left_pad
-    from jaxpeft.quant import dequantize_params
-    from jaxpeft.train import data as data_lib
-
-    model, params, tokenizer = jaxpeft.from_pretrained(model_name, dtype=jnp.float32)
-    _, eval_records = data_lib.load_records("builtin:dates")
-    prompts = [p for p, _ in data_lib.eval_prompts(tokenizer, eval_records[: cfg.prompts])]
-    pad_id = data_lib.pad_id_of(tokenizer)
+    model, params, tokenizer = from_pretrained(model_name, dtype=jnp.float32)
+    _, eval_records = load_records("builtin:dates")
+    prompts = [p for p, _ in eval_prompts(tokenizer, eval_records[: cfg.prompts])]
+    pad_id = pad_id_of(tokenizer)
     timer = _Timer(prompts, pad_id, cfg)
     ids, mask = left_pad(prompts, pad_id)
     base = (model, params)

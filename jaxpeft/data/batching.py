@@ -1,6 +1,7 @@
-"""Deterministic, resumable batching of encoded examples into fixed-shape numpy arrays.
+"""Batching of encoded examples into fixed-shape numpy arrays: the resumable training stream
+(`Batcher`) and one ordered pass for evaluation (`ordered_batches`). Both fill a batch the same way.
 
-Loss-mask convention: see jaxpeft/train/data.py (loss_mask[b, t] == 1: token t is a target).
+Loss-mask convention: see jaxpeft/data/encode.py (loss_mask[b, t] == 1: token t is a target).
 """
 
 from __future__ import annotations
@@ -101,23 +102,12 @@ class Batcher:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        shape = (self.batch_size, self.seq_len)
-        batch = {
-            "input_ids": np.full(shape, self.pad_id, np.int32),
-            "loss_mask": np.zeros(shape, np.int32),
-            "attention_mask": np.zeros(shape, np.int32),
-        }
-        if self.pack:
-            batch["segment_ids"] = np.zeros(shape, np.int32)
-            batch["positions"] = np.zeros(shape, np.int32)
+        batch = empty_batch(self.batch_size, self.seq_len, self.pad_id, packed=self.pack)
         for row in range(self.batch_size):
             start, segment = 0, 1
             while True:
                 i = self._take()
-                n = len(self._ids[i])
-                batch["input_ids"][row, start : start + n] = self._ids[i]
-                batch["loss_mask"][row, start : start + n] = self._mask[i]
-                batch["attention_mask"][row, start : start + n] = 1
+                n = _put(batch, row, start, self._ids[i], self._mask[i])
                 if not self.pack:
                     break
                 batch["segment_ids"][row, start : start + n] = segment
@@ -127,3 +117,37 @@ class Batcher:
                 if start + len(self._ids[self._peek()]) > self.seq_len:
                     break
         return batch
+
+
+def empty_batch(rows: int, seq_len: int, pad_id: int, *, packed: bool = False) -> dict[str, np.ndarray]:
+    """A batch of `rows` empty rows (all padding): the arrays `Batcher` documents."""
+    shape = (rows, seq_len)
+    batch = {
+        "input_ids": np.full(shape, pad_id, np.int32),
+        "loss_mask": np.zeros(shape, np.int32),
+        "attention_mask": np.zeros(shape, np.int32),
+    }
+    if packed:
+        batch["segment_ids"] = np.zeros(shape, np.int32)
+        batch["positions"] = np.zeros(shape, np.int32)
+    return batch
+
+
+def _put(batch: dict[str, np.ndarray], row: int, start: int, ids: Sequence[int], mask: Sequence[int]) -> int:
+    """Writes one example at `batch[row, start:]` (cut to the row's end); returns the tokens written."""
+    n = min(len(ids), batch["input_ids"].shape[1] - start)
+    batch["input_ids"][row, start : start + n] = ids[:n]
+    batch["loss_mask"][row, start : start + n] = mask[:n]
+    batch["attention_mask"][row, start : start + n] = 1
+    return n
+
+
+def ordered_batches(
+    encoded: Sequence[Mapping[str, Any]], rows: int, seq_len: int, pad_id: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over `encoded` in order, in fixed-shape batches (the last one padded with empty rows)."""
+    for start in range(0, len(encoded), rows):
+        batch = empty_batch(rows, seq_len, pad_id)
+        for i, example in enumerate(encoded[start : start + rows]):
+            _put(batch, i, 0, example["input_ids"], example["loss_mask"])
+        yield batch

@@ -1,0 +1,39 @@
+"""The settings of one fine-tuning run (`jaxpeft.train.run.run_finetune`), as one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+DEFAULT_DATASET = "builtin:dates"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    out: str
+    model: str | None = None
+    dataset: str = DEFAULT_DATASET
+    eval_split: float | str | None = None
+    eval_dataset: str | None = None
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 128
+    pack: bool = False
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    dtype: str = "float32"
+    remat: bool = False
+    seed: int = 0
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    eval_examples: int = 100  # held-out examples evaluated (loss and generation)
+    resume: bool = False
+    overwrite: bool = False
+    save_merged: bool = False
+    merged_dtype: str = "float32"
+    progress: bool = True
+    mesh: str | None = None  # "data:2,fsdp:2,tensor:2"; None: every device on data (train/sharding.py)
+    parallel: str = "jit"  # "jit" (the mesh) or "pmap"
