@@ -9,27 +9,33 @@ Same run folder as experiments.lora (see jaxpeft/train/run.py), with adapter/ in
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from absl import app, flags
 
-from experiments.common import define_run_flags, method_main, run_app
-
-define_run_flags(default_steps=100, default_lr=1e-3)
-flags.DEFINE_enum("adapter_type", "houlsby", ["houlsby", "pfeiffer"],
-                  "houlsby: adapters after attention and after the MLP (double_seq_bn); pfeiffer: after the MLP "
-                  "only (seq_bn).")
-flags.DEFINE_float("reduction_factor", 16, "Bottleneck size = hidden size / reduction_factor (must divide it).")
-flags.DEFINE_string("activation", None, "Bottleneck activation (default: swish for houlsby, relu for pfeiffer).")
-flags.DEFINE_float("scaling", 1.0, "Factor on the adapter's output.")
-flags.DEFINE_float("dropout", 0.0, "Dropout on the adapter's output while training.")
-flags.DEFINE_list("leave_out", [], "Layer indices (comma-separated) that get no adapter.")
-flags.DEFINE_string("adapter_name", "adapter", "The adapter's name in the AdapterHub files.")
+from experiments.common import define_run_flags, method_main, run_cli, run_in_process
 
 
-def adapters_config_from_flags():
+def define_flags(fv: flags.FlagValues) -> None:
+    define_run_flags(fv, default_steps=100, default_lr=1e-3)
+    flags.DEFINE_enum("adapter_type", "houlsby", ["houlsby", "pfeiffer"],
+                      "houlsby: adapters after attention and after the MLP (double_seq_bn); pfeiffer: after the MLP "
+                      "only (seq_bn).", flag_values=fv)
+    flags.DEFINE_float("reduction_factor", 16, "Bottleneck size = hidden size / reduction_factor (must divide it).",
+                       flag_values=fv)
+    flags.DEFINE_string("activation", None, "Bottleneck activation (default: swish for houlsby, relu for pfeiffer).",
+                        flag_values=fv)
+    flags.DEFINE_float("scaling", 1.0, "Factor on the adapter's output.", flag_values=fv)
+    flags.DEFINE_float("dropout", 0.0, "Dropout on the adapter's output while training.", flag_values=fv)
+    flags.DEFINE_list("leave_out", [], "Layer indices (comma-separated) that get no adapter.", flag_values=fv)
+    flags.DEFINE_string("adapter_name", "adapter", "The adapter's name in the AdapterHub files.", flag_values=fv)
+
+
+def adapters_config_from_flags(fv: flags.FlagValues):
     """AdaptersConfig from the flags; a non-integer --leave_out is a usage error."""
     from jaxpeft.methods.bottleneck import AdaptersConfig
 
-    f = flags.FLAGS
+    f = fv
     try:
         leave_out = tuple(int(i) for i in f.leave_out)
     except ValueError as e:
@@ -42,5 +48,11 @@ def adapters_config_from_flags():
 
 main = method_main("adapters", adapters_config_from_flags)
 
+
+def run(argv: Sequence[str]) -> int:
+    """`python -m experiments.adapters ARGV[1:]` in this process (its own FlagValues); returns the exit code."""
+    return run_in_process(define_flags, main, argv, doc=__doc__)
+
+
 if __name__ == "__main__":
-    run_app(main)
+    run_cli(define_flags, main)

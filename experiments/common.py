@@ -1,11 +1,25 @@
-"""Helpers shared by the absl entry points: logging to stderr, chat prompts."""
+"""Helpers shared by the absl entry points: logging to stderr, chat prompts, flag sets, running an entry point.
+
+Every entry point `experiments/<name>.py` has the same shape:
+
+    def define_flags(fv: flags.FlagValues) -> None: ...   # its flags, defined into `fv`
+    def main(fv: flags.FlagValues, argv) -> None: ...      # the work, reading the parsed `fv`
+    def run(argv) -> int:                                  # in-process: a fresh FlagValues per call
+        return run_in_process(define_flags, main, argv, doc=__doc__)
+    if __name__ == "__main__":
+        run_cli(define_flags, main)                        # absl's app.run over the global FLAGS
+
+`python -m experiments.<name>` defines the flags into absl's global FLAGS exactly as before (same
+--help/--helpfull, exit codes, output); `run(argv)` parses into its own `flags.FlagValues`, so several
+entry points can run in one process (the tests do) without their flags colliding.
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable, Sequence
 
-from absl import logging
+from absl import app, flags, logging
 
 
 class _QuietLibraries:
@@ -20,7 +34,8 @@ def log_to_stderr() -> None:
     logging.use_absl_handler()
     handler = logging.get_absl_handler()
     handler.python_handler.stream = sys.stderr
-    handler.addFilter(_QuietLibraries())
+    if not any(isinstance(f, _QuietLibraries) for f in handler.filters):  # once, however many runs in a process
+        handler.addFilter(_QuietLibraries())
     logging.set_verbosity(logging.INFO)
 
 
@@ -46,79 +61,81 @@ def parse_targets(text: str):
     return names
 
 
-def define_run_flags(default_steps: int = 200, default_lr: float = 2e-4) -> None:
-    """The flags every fine-tuning entry point shares (experiments.lora's set)."""
-    from absl import flags
-
-    flags.DEFINE_string("model", None, "HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct).")
-    flags.DEFINE_string("dataset", "builtin:dates", "A JSON/JSONL/parquet file, a hub dataset, or builtin:<task>.")
-    flags.DEFINE_string("eval_split", None, "Held-out fraction of --dataset (e.g. 0.05) or a split name.")
-    flags.DEFINE_string("eval_dataset", None, "A separate held-out dataset file.")
-    flags.DEFINE_integer("steps", default_steps, "Optimizer steps.")
-    flags.DEFINE_integer("batch_size", 8, "Sequences per optimizer step (split over --grad_accum micro-steps).")
-    flags.DEFINE_integer("grad_accum", 1, "Gradient accumulation micro-steps per optimizer step.")
-    flags.DEFINE_integer("seq_len", 128, "Maximum tokens per sequence (batches use the longest example if shorter).")
-    flags.DEFINE_bool("pack", False, "Pack several examples per row.")
-    flags.DEFINE_float("lr", default_lr, "Peak learning rate (AdamW, linear warm-up, cosine decay).")
-    flags.DEFINE_integer("warmup_steps", 10, "Warm-up steps.")
-    flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay (matrices only).")
-    flags.DEFINE_float("max_grad_norm", 1.0, "Global-norm gradient clipping (0 = off).")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (adapter weights stay fp32).")
-    flags.DEFINE_bool("remat", False, "Recompute layer activations in the backward pass (saves memory).")
-    flags.DEFINE_integer("seed", 0, "Seed for init, data order and dropout.")
-    flags.DEFINE_integer("eval_every", 0, "Evaluate every N steps (0 = only before and after).")
-    flags.DEFINE_integer("eval_examples", 100, "Held-out examples to evaluate (loss and generation metrics).")
-    flags.DEFINE_integer("save_every", 50, "Checkpoint every N steps (and at the end).")
-    flags.DEFINE_integer("keep_checkpoints", 2, "Checkpoints to keep.")
-    flags.DEFINE_string("out", None, "Run folder (default: runs/<method>-<date>-<time>).")
-    flags.DEFINE_bool("resume", False, "Continue the run in --out from its latest checkpoint.")
-    flags.DEFINE_bool("overwrite", False, "Empty a non-empty --out first.")
-    flags.DEFINE_bool("save_merged", False, "Also write merged/: the base with the adapter merged in (HF folder).")
-    flags.DEFINE_enum("merged_dtype", "float32", ["float32", "bfloat16", "float16"], "dtype of merged/.")
-    flags.DEFINE_bool("progress", True, "Show a progress bar.")
+def define_run_flags(fv: flags.FlagValues, default_steps: int = 200, default_lr: float = 2e-4) -> None:
+    """The flags every fine-tuning entry point shares (experiments.lora's set), defined into `fv`."""
+    flags.DEFINE_string("model", None, "HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct).",
+                        flag_values=fv)
+    flags.DEFINE_string("dataset", "builtin:dates", "A JSON/JSONL/parquet file, a hub dataset, or builtin:<task>.",
+                        flag_values=fv)
+    flags.DEFINE_string("eval_split", None, "Held-out fraction of --dataset (e.g. 0.05) or a split name.",
+                        flag_values=fv)
+    flags.DEFINE_string("eval_dataset", None, "A separate held-out dataset file.", flag_values=fv)
+    flags.DEFINE_integer("steps", default_steps, "Optimizer steps.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 8, "Sequences per optimizer step (split over --grad_accum micro-steps).",
+                         flag_values=fv)
+    flags.DEFINE_integer("grad_accum", 1, "Gradient accumulation micro-steps per optimizer step.", flag_values=fv)
+    flags.DEFINE_integer("seq_len", 128, "Maximum tokens per sequence (batches use the longest example if shorter).",
+                         flag_values=fv)
+    flags.DEFINE_bool("pack", False, "Pack several examples per row.", flag_values=fv)
+    flags.DEFINE_float("lr", default_lr, "Peak learning rate (AdamW, linear warm-up, cosine decay).", flag_values=fv)
+    flags.DEFINE_integer("warmup_steps", 10, "Warm-up steps.", flag_values=fv)
+    flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay (matrices only).", flag_values=fv)
+    flags.DEFINE_float("max_grad_norm", 1.0, "Global-norm gradient clipping (0 = off).", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (adapter weights stay fp32).",
+                      flag_values=fv)
+    flags.DEFINE_bool("remat", False, "Recompute layer activations in the backward pass (saves memory).",
+                      flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed for init, data order and dropout.", flag_values=fv)
+    flags.DEFINE_integer("eval_every", 0, "Evaluate every N steps (0 = only before and after).", flag_values=fv)
+    flags.DEFINE_integer("eval_examples", 100, "Held-out examples to evaluate (loss and generation metrics).",
+                         flag_values=fv)
+    flags.DEFINE_integer("save_every", 50, "Checkpoint every N steps (and at the end).", flag_values=fv)
+    flags.DEFINE_integer("keep_checkpoints", 2, "Checkpoints to keep.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Run folder (default: runs/<method>-<date>-<time>).", flag_values=fv)
+    flags.DEFINE_bool("resume", False, "Continue the run in --out from its latest checkpoint.", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Empty a non-empty --out first.", flag_values=fv)
+    flags.DEFINE_bool("save_merged", False, "Also write merged/: the base with the adapter merged in (HF folder).",
+                      flag_values=fv)
+    flags.DEFINE_enum("merged_dtype", "float32", ["float32", "bfloat16", "float16"], "dtype of merged/.",
+                      flag_values=fv)
+    flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
     flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,fsdp:2,tensor:2 (default: every device on data; "
-                        "an axis left out is 1, data takes the rest). See launch/README.md.")
-    flags.DEFINE_enum("parallel", "jit", ["jit", "pmap"], "jit: sharded over --mesh; pmap: data parallelism.")
+                        "an axis left out is 1, data takes the rest). See launch/README.md.", flag_values=fv)
+    flags.DEFINE_enum("parallel", "jit", ["jit", "pmap"], "jit: sharded over --mesh; pmap: data parallelism.",
+                      flag_values=fv)
 
 
-def define_lora_flags(default_targets: str = "q_proj,k_proj,v_proj,o_proj") -> None:
-    """LoRA's flags (experiments.lora and experiments.qlora)."""
-    from absl import flags
-
-    flags.DEFINE_integer("rank", 16, "LoRA rank r.")
-    flags.DEFINE_float("alpha", None, "LoRA alpha (default: 2 x rank).")
-    flags.DEFINE_float("dropout", 0.0, "Dropout on the LoRA path.")
+def define_lora_flags(fv: flags.FlagValues, default_targets: str = "q_proj,k_proj,v_proj,o_proj") -> None:
+    """LoRA's flags (experiments.lora and experiments.qlora), defined into `fv`."""
+    flags.DEFINE_integer("rank", 16, "LoRA rank r.", flag_values=fv)
+    flags.DEFINE_float("alpha", None, "LoRA alpha (default: 2 x rank).", flag_values=fv)
+    flags.DEFINE_float("dropout", 0.0, "Dropout on the LoRA path.", flag_values=fv)
     flags.DEFINE_string("targets", default_targets,
-                        "Module-name suffixes (comma-separated), 'all-linear', or re:<regex>.")
-    flags.DEFINE_bool("use_rslora", False, "Scale by alpha/sqrt(r) (rsLoRA).")
-    flags.DEFINE_bool("use_dora", False, "Weight-decomposed LoRA (DoRA).")
+                        "Module-name suffixes (comma-separated), 'all-linear', or re:<regex>.", flag_values=fv)
+    flags.DEFINE_bool("use_rslora", False, "Scale by alpha/sqrt(r) (rsLoRA).", flag_values=fv)
+    flags.DEFINE_bool("use_dora", False, "Weight-decomposed LoRA (DoRA).", flag_values=fv)
 
 
-def lora_config_from_flags():
-    """LoraConfig from `define_lora_flags`' flags; a bad --targets is a usage error."""
-    from absl import app, flags
-
+def lora_config_from_flags(fv: flags.FlagValues):
+    """LoraConfig from `define_lora_flags`' flags in `fv`; a bad --targets is a usage error."""
     from jaxpeft.methods.lora import LoraConfig
 
-    f = flags.FLAGS
     try:
-        targets = parse_targets(f.targets)
+        targets = parse_targets(fv.targets)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    return LoraConfig(r=f.rank, lora_alpha=f.alpha if f.alpha is not None else 2.0 * f.rank,
-                      lora_dropout=f.dropout, target_modules=targets, use_rslora=f.use_rslora,
-                      use_dora=f.use_dora)
+    return LoraConfig(r=fv.rank, lora_alpha=fv.alpha if fv.alpha is not None else 2.0 * fv.rank,
+                      lora_dropout=fv.dropout, target_modules=targets, use_rslora=fv.use_rslora,
+                      use_dora=fv.use_dora)
 
 
-def run_config_from_flags(method_name: str):
-    """RunConfig from the shared flags."""
+def run_config_from_flags(fv: flags.FlagValues, method_name: str):
+    """RunConfig from the shared flags in `fv`."""
     import datetime
-
-    from absl import flags
 
     from jaxpeft.train.run import RunConfig
 
-    f = flags.FLAGS
+    f = fv
     out = f.out or f"runs/{method_name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     eval_split: float | str | None = f.eval_split
     if eval_split is not None:
@@ -148,23 +165,27 @@ def print_results(results: dict, out: str) -> None:
         print(f"  sample: {s['prediction']!r}  (reference {s['reference']!r})")
 
 
-def method_main(method_name: str, config_from_flags, *, base_loader_from_flags=None, run_name: str | None = None):
-    """The `main` of a method's entry point: run `method_name` with the shared flags and its own config.
+Main = Callable[[flags.FlagValues, Sequence[str]], None]
 
-    `config_from_flags()` builds the method's config from its own flags (raising `app.UsageError` on
-    bad ones); `base_loader_from_flags()` (optional) returns a `run_finetune` base loader; `run_name`
+
+def method_main(method_name: str, config_from_flags, *, base_loader_from_flags=None, run_name: str | None = None
+                ) -> Main:
+    """The `main(fv, argv)` of a method's entry point: run `method_name` with the shared flags and its own config.
+
+    `config_from_flags(fv)` builds the method's config from its own flags (raising `app.UsageError` on
+    bad ones); `base_loader_from_flags(fv)` (optional) returns a `run_finetune` base loader; `run_name`
     names the default run folder (default: the method's name).
     """
 
-    def main(argv) -> None:
+    def main(fv: flags.FlagValues, argv: Sequence[str]) -> None:
         del argv
         log_to_stderr()
         from jaxpeft.methods import get_method
         from jaxpeft.train.run import run_finetune
 
-        method_cfg = config_from_flags()
-        cfg = run_config_from_flags(run_name or method_name)
-        loader = base_loader_from_flags() if base_loader_from_flags else None
+        method_cfg = config_from_flags(fv)
+        cfg = run_config_from_flags(fv, run_name or method_name)
+        loader = base_loader_from_flags(fv) if base_loader_from_flags else None
         results = run_finetune(cfg, get_method(method_name), method_cfg, base_loader=loader)
         print_results(results, cfg.out)
 
@@ -173,8 +194,6 @@ def method_main(method_name: str, config_from_flags, *, base_loader_from_flags=N
 
 def run_app(main) -> None:
     """absl's app.run, with jaxpeft's own errors shown as one clear message instead of a traceback."""
-    from absl import app
-
     from jaxpeft.core.errors import JaxPeftError
 
     def guarded(argv):
@@ -185,3 +204,47 @@ def run_app(main) -> None:
             sys.exit(2)
 
     app.run(guarded)
+
+
+def run_cli(define_flags: Callable[[flags.FlagValues], None], main: Main) -> None:
+    """`python -m experiments.<name>`: the flags go into absl's global FLAGS and `run_app` runs `main`.
+
+    Exactly the command line of before: the same flags (attributed to the same modules, so --help and
+    --helpfull read the same), absl's own flags, and the same exit codes (1: a usage or flag error, 2: a
+    jaxpeft error, shown as one line).
+    """
+    define_flags(flags.FLAGS)
+    run_app(lambda argv: main(flags.FLAGS, argv))
+
+
+def run_in_process(define_flags: Callable[[flags.FlagValues], None], main: Main, argv: Sequence[str], *,
+                   doc: str | None = None) -> int:
+    """Runs an entry point in this process on `argv` (argv[0] is the program name) and returns its exit code.
+
+    The flags are parsed into a fresh `flags.FlagValues`, so entry points can run one after another in one
+    process. Exit codes and stderr messages follow `run_cli`: a flag error prints absl's "FATAL Flags
+    parsing error" lines (1), an `app.UsageError` the entry point's `doc` and the error (its exitcode, 1),
+    a `JaxPeftError` "error: <message>" (2). absl's own flags (--helpfull, --verbosity, ...) exist only on
+    the command line. Any other exception propagates.
+    """
+    from jaxpeft.core.errors import JaxPeftError
+
+    fv = flags.FlagValues()
+    define_flags(fv)
+    try:
+        args = fv(list(argv))
+    except flags.Error as e:
+        sys.stderr.write(f"FATAL Flags parsing error: {e}\n")
+        sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+        return 1
+    try:
+        main(fv, args)
+    except app.UsageError as e:
+        sys.stderr.write(f"{doc or ''}\n\n{e}\n")
+        return e.exitcode
+    except JaxPeftError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except SystemExit as e:  # an entry point that exits itself
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0

@@ -10,11 +10,32 @@ tensorboard/, checkpoints/, and merged/ with --save_merged.
 
 from __future__ import annotations
 
-from experiments.common import define_lora_flags, define_run_flags, lora_config_from_flags, method_main, run_app
+from typing import Sequence
 
-define_run_flags(default_steps=100, default_lr=1e-3)
-define_lora_flags()
+from absl import flags
+
+from experiments.common import (
+    define_lora_flags,
+    define_run_flags,
+    lora_config_from_flags,
+    method_main,
+    run_cli,
+    run_in_process,
+)
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    define_run_flags(fv, default_steps=100, default_lr=1e-3)
+    define_lora_flags(fv)
+
+
 main = method_main("lora", lora_config_from_flags)
 
+
+def run(argv: Sequence[str]) -> int:
+    """`python -m experiments.lora ARGV[1:]` in this process (its own FlagValues); returns the exit code."""
+    return run_in_process(define_flags, main, argv, doc=__doc__)
+
+
 if __name__ == "__main__":
-    run_app(main)
+    run_cli(define_flags, main)

@@ -47,50 +47,61 @@ from __future__ import annotations
 
 import json
 
+from typing import Sequence
+
 from absl import app, flags
 
-from experiments.common import log_to_stderr, run_app
+from experiments.common import log_to_stderr, run_cli, run_in_process
 from jaxpeft.merge.combine import COMBINATION_TYPES, SEMANTICS
 from jaxpeft.merge.ops import SIGN_METHODS
 
-_ADAPTERS = flags.DEFINE_list("adapters", None, "Comma-separated PEFT LoRA adapter folders.", required=True)
-_WEIGHTS = flags.DEFINE_list("weights", None, "One weight per adapter (default 1.0 each).")
-_COMBINATION = flags.DEFINE_enum("combination", None, list(COMBINATION_TYPES), "Combination type.", required=True)
-_SEMANTICS = flags.DEFINE_enum("semantics", "exact", list(SEMANTICS),
-                               "exact: weighted sum of the full deltas; peft: PEFT's add_weighted_adapter.")
-_DENSITY = flags.DEFINE_float("density", None, "Fraction kept by ties/dare/magnitude_prune, in (0, 1] (default 0.5).")
-_SVD_RANK = flags.DEFINE_integer("svd_rank", None, "Rank of the SVD refactoring (default: Σ ranks for exact, the "
-                                                   "largest input rank for peft's SVD types).")
-_SVD_CLAMP = flags.DEFINE_float("svd_clamp", None, "PEFT's quantile clamp of the SVD factors, in (0, 1].")
-_SIGN = flags.DEFINE_enum("majority_sign_method", None, list(SIGN_METHODS), "TIES sign election (default total).")
-_SEED = flags.DEFINE_integer("seed", None, "DARE's random drop (default 0).")
-_OUT = flags.DEFINE_string("out", None, "Output folder (adapter/, merge_config.json, merged/).", required=True)
-_BASE = flags.DEFINE_string("base", None, "The base model: merged into by --save_merged and written as the new "
-                                           "adapter's base_model_name_or_path (default: the adapters' own).")
-_SAVE_MERGED = flags.DEFINE_bool("save_merged", False, "Also write merged/: the base with the new adapter merged in.")
-_MERGED_DTYPE = flags.DEFINE_enum("merged_dtype", "float32", ["float32", "bfloat16", "float16"], "dtype of merged/.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
-_ALLOW_MISMATCH = flags.DEFINE_bool("allow_base_mismatch", False,
-                                    "Merge even if the adapters name different base models (same weights, other "
-                                    "names). Shapes and target modules are still checked.")
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_list("adapters", None, "Comma-separated PEFT LoRA adapter folders.", required=True, flag_values=fv)
+    flags.DEFINE_list("weights", None, "One weight per adapter (default 1.0 each).", flag_values=fv)
+    flags.DEFINE_enum("combination", None, list(COMBINATION_TYPES), "Combination type.", required=True,
+                      flag_values=fv)
+    flags.DEFINE_enum("semantics", "exact", list(SEMANTICS),
+                      "exact: weighted sum of the full deltas; peft: PEFT's add_weighted_adapter.", flag_values=fv)
+    flags.DEFINE_float("density", None, "Fraction kept by ties/dare/magnitude_prune, in (0, 1] (default 0.5).",
+                       flag_values=fv)
+    flags.DEFINE_integer("svd_rank", None, "Rank of the SVD refactoring (default: Σ ranks for exact, the "
+                                           "largest input rank for peft's SVD types).", flag_values=fv)
+    flags.DEFINE_float("svd_clamp", None, "PEFT's quantile clamp of the SVD factors, in (0, 1].", flag_values=fv)
+    flags.DEFINE_enum("majority_sign_method", None, list(SIGN_METHODS), "TIES sign election (default total).",
+                      flag_values=fv)
+    flags.DEFINE_integer("seed", None, "DARE's random drop (default 0).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output folder (adapter/, merge_config.json, merged/).", required=True,
+                        flag_values=fv)
+    flags.DEFINE_string("base", None, "The base model: merged into by --save_merged and written as the new "
+                                      "adapter's base_model_name_or_path (default: the adapters' own).",
+                        flag_values=fv)
+    flags.DEFINE_bool("save_merged", False, "Also write merged/: the base with the new adapter merged in.",
+                      flag_values=fv)
+    flags.DEFINE_enum("merged_dtype", "float32", ["float32", "bfloat16", "float16"], "dtype of merged/.",
+                      flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.", flag_values=fv)
+    flags.DEFINE_bool("allow_base_mismatch", False,
+                      "Merge even if the adapters name different base models (same weights, other "
+                      "names). Shapes and target modules are still checked.", flag_values=fv)
 
 
-def main(argv) -> None:
+def main(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     log_to_stderr()
     from jaxpeft.merge.folders import MergeConfig, merge_folders
 
     try:
-        weights = tuple(float(w) for w in _WEIGHTS.value) if _WEIGHTS.value is not None else None
+        weights = tuple(float(w) for w in fv.weights) if fv.weights is not None else None
     except ValueError as e:
-        raise app.UsageError(f"--weights must be numbers, got {_WEIGHTS.value}: {e}") from e
-    merge = MergeConfig(combination_type=_COMBINATION.value, weights=weights, semantics=_SEMANTICS.value,
-                        density=_DENSITY.value, svd_rank=_SVD_RANK.value, svd_clamp=_SVD_CLAMP.value,
-                        majority_sign_method=_SIGN.value, seed=_SEED.value)
-    summary = merge_folders(_ADAPTERS.value, merge, _OUT.value, base=_BASE.value, save_merged=_SAVE_MERGED.value,
-                            merged_dtype=_MERGED_DTYPE.value, overwrite=_OVERWRITE.value,
-                            allow_base_mismatch=_ALLOW_MISMATCH.value)
+        raise app.UsageError(f"--weights must be numbers, got {fv.weights}: {e}") from e
+    merge = MergeConfig(combination_type=fv.combination, weights=weights, semantics=fv.semantics,
+                        density=fv.density, svd_rank=fv.svd_rank, svd_clamp=fv.svd_clamp,
+                        majority_sign_method=fv.majority_sign_method, seed=fv.seed)
+    summary = merge_folders(fv.adapters, merge, fv.out, base=fv.base, save_merged=fv.save_merged,
+                            merged_dtype=fv.merged_dtype, overwrite=fv.overwrite,
+                            allow_base_mismatch=fv.allow_base_mismatch)
     ranks = sorted(set(summary["ranks"].values()))
     print(json.dumps({"adapter": summary["adapter"], "merged": summary["merged"],
                       "combination": summary["combination_type"], "semantics": summary["semantics"],
@@ -98,5 +109,10 @@ def main(argv) -> None:
                       "distance_to_weighted_sum": round(summary["distance_to_weighted_sum"], 6)}, indent=2))
 
 
+def run(argv: Sequence[str]) -> int:
+    """`python -m experiments.merge ARGV[1:]` in this process (its own FlagValues); returns the exit code."""
+    return run_in_process(define_flags, main, argv, doc=__doc__)
+
+
 if __name__ == "__main__":
-    run_app(main)
+    run_cli(define_flags, main)

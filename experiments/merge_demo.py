@@ -23,46 +23,52 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Sequence
 
 from absl import flags
 
-from experiments.common import log_to_stderr, run_app
-
-_OUT = flags.DEFINE_string("out", None, "Demo folder.", required=True)
-_MODEL = flags.DEFINE_string("model", None, "HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct).")
-_TASKS = flags.DEFINE_list("tasks", ["dates", "times"], "Two bundled tasks, one adapter each.")
-_STEPS = flags.DEFINE_integer("steps", 100, "Training steps per adapter.")
-_RANK = flags.DEFINE_integer("rank", 16, "LoRA rank (alpha = 2 x rank, targets q,k,v,o).")
-_EVAL = flags.DEFINE_integer("eval_examples", 100, "Held-out examples per task.")
-_DENSITY = flags.DEFINE_float("density", 0.5, "TIES density.")
-_TIES_W = flags.DEFINE_list("ties_weights", ["1.0", "1.0"], "TIES weights.")
-_LINEAR_W = flags.DEFINE_list("linear_weights", ["1.0", "1.0"], "Linear weights (1,1 = the sum of both deltas).")
-_REUSE = flags.DEFINE_bool("reuse", False, "Keep trained adapters found in --out; redo merging and evaluation.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars while training.")
+from experiments.common import log_to_stderr, run_cli, run_in_process
 
 
-def _train(out: Path, task: str) -> Path:
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", None, "Demo folder.", required=True, flag_values=fv)
+    flags.DEFINE_string("model", None, "HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct).",
+                        flag_values=fv)
+    flags.DEFINE_list("tasks", ["dates", "times"], "Two bundled tasks, one adapter each.", flag_values=fv)
+    flags.DEFINE_integer("steps", 100, "Training steps per adapter.", flag_values=fv)
+    flags.DEFINE_integer("rank", 16, "LoRA rank (alpha = 2 x rank, targets q,k,v,o).", flag_values=fv)
+    flags.DEFINE_integer("eval_examples", 100, "Held-out examples per task.", flag_values=fv)
+    flags.DEFINE_float("density", 0.5, "TIES density.", flag_values=fv)
+    flags.DEFINE_list("ties_weights", ["1.0", "1.0"], "TIES weights.", flag_values=fv)
+    flags.DEFINE_list("linear_weights", ["1.0", "1.0"], "Linear weights (1,1 = the sum of both deltas).",
+                      flag_values=fv)
+    flags.DEFINE_bool("reuse", False, "Keep trained adapters found in --out; redo merging and evaluation.",
+                      flag_values=fv)
+    flags.DEFINE_bool("progress", True, "Progress bars while training.", flag_values=fv)
+
+
+def _train(fv: flags.FlagValues, out: Path, task: str) -> Path:
     from jaxpeft.methods import get_method
     from jaxpeft.methods.lora import LoraConfig
     from jaxpeft.train.run import RunConfig, run_finetune
 
     run = out / task
-    if _REUSE.value and (run / "adapter" / "adapter_config.json").exists():
+    if fv.reuse and (run / "adapter" / "adapter_config.json").exists():
         return run / "adapter"
-    cfg = RunConfig(out=str(run), model=_MODEL.value, dataset=f"builtin:{task}", steps=_STEPS.value, batch_size=8,
-                    lr=1e-3, eval_examples=_EVAL.value, overwrite=True, progress=_PROGRESS.value)
-    lora = LoraConfig(r=_RANK.value, lora_alpha=2.0 * _RANK.value,
+    cfg = RunConfig(out=str(run), model=fv.model, dataset=f"builtin:{task}", steps=fv.steps, batch_size=8,
+                    lr=1e-3, eval_examples=fv.eval_examples, overwrite=True, progress=fv.progress)
+    lora = LoraConfig(r=fv.rank, lora_alpha=2.0 * fv.rank,
                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
     run_finetune(cfg, get_method("lora"), lora)
     return run / "adapter"
 
 
-def _examples(tokenizer, task: str):
+def _examples(fv: flags.FlagValues, tokenizer, task: str):
     from jaxpeft import data
     from jaxpeft.data import tasks
 
     _, eval_records = data.load_records(f"builtin:{task}", seed=0)
-    return data.eval_prompts(tokenizer, eval_records[: _EVAL.value]), tasks.get_task(task)
+    return data.eval_prompts(tokenizer, eval_records[: fv.eval_examples]), tasks.get_task(task)
 
 
 def _served_together(reg, tokenizer, names, examples) -> dict[str, float]:
@@ -87,7 +93,7 @@ def _served_together(reg, tokenizer, names, examples) -> dict[str, float]:
     return {t: sum(v) / len(v) for t, v in scores.items()}
 
 
-def main(argv) -> None:
+def main(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     del argv
     log_to_stderr()
     import jaxpeft
@@ -95,24 +101,24 @@ def main(argv) -> None:
     from jaxpeft.multi import AdapterRegistry
     from jaxpeft.train.evaluate import generation_eval
 
-    out = Path(_OUT.value)
-    task_names = list(_TASKS.value)
+    out = Path(fv.out)
+    task_names = list(fv.tasks)
     if len(task_names) != 2:
         raise ValueError(f"--tasks needs two tasks, got {task_names}")
     start = time.perf_counter()
-    adapters = {t: _train(out, t) for t in task_names}
-    merges = {"ties": MergeConfig(combination_type="ties", weights=tuple(map(float, _TIES_W.value)),
-                                  density=_DENSITY.value),
-              "linear": MergeConfig(combination_type="linear", weights=tuple(map(float, _LINEAR_W.value)))}
+    adapters = {t: _train(fv, out, t) for t in task_names}
+    merges = {"ties": MergeConfig(combination_type="ties", weights=tuple(map(float, fv.ties_weights)),
+                                  density=fv.density),
+              "linear": MergeConfig(combination_type="linear", weights=tuple(map(float, fv.linear_weights)))}
     for name, merge in merges.items():
         merge_folders([adapters[t] for t in task_names], merge, out / name, overwrite=True)
-    model, base, tokenizer = jaxpeft.from_pretrained(_MODEL.value)
+    model, base, tokenizer = jaxpeft.from_pretrained(fv.model)
     reg = AdapterRegistry(model, base)
     for t in task_names:
         reg.load(t, adapters[t])
     for name in merges:
         reg.load(name, out / name / "adapter")
-    examples = {t: _examples(tokenizer, t) for t in task_names}
+    examples = {t: _examples(fv, tokenizer, t) for t in task_names}
     table: dict[str, dict[str, float]] = {}
     for label, active in [("base", None), *[(f"{t} adapter", t) for t in task_names], *[(f"{m} merge", m)
                                                                                           for m in merges]]:
@@ -126,15 +132,20 @@ def main(argv) -> None:
                         for t, (prompts, task) in examples.items()}
     table["served together (one batch, per-row adapters)"] = _served_together(
         reg, tokenizer, {t: t for t in task_names}, examples)
-    result = {"tasks": task_names, "steps": _STEPS.value, "rank": _RANK.value, "eval_examples": _EVAL.value,
+    result = {"tasks": task_names, "steps": fv.steps, "rank": fv.rank, "eval_examples": fv.eval_examples,
               "merges": {n: {"weights": list(m.weights), "density": m.density} for n, m in merges.items()},
               "exact_match": table, "wall_s": round(time.perf_counter() - start, 1)}
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nheld-out exact match ({_EVAL.value} examples per task; {_STEPS.value} steps per adapter)")
+    print(f"\nheld-out exact match ({fv.eval_examples} examples per task; {fv.steps} steps per adapter)")
     print(f"| model | {' | '.join(task_names)} |\n|---|{'---|' * len(task_names)}")
     for label, row in table.items():
         print(f"| {label} | {' | '.join(f'{row[t]:.2f}' for t in task_names)} |")
 
 
+def run(argv: Sequence[str]) -> int:
+    """`python -m experiments.merge_demo ARGV[1:]` in this process (its own FlagValues); returns the exit code."""
+    return run_in_process(define_flags, main, argv, doc=__doc__)
+
+
 if __name__ == "__main__":
-    run_app(main)
+    run_cli(define_flags, main)

@@ -9,21 +9,28 @@ bitsandbytes installed; `python -m experiments.qlora --model=DIR` fine-tunes fro
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from absl import flags
 
 from experiments.common import log_to_stderr, run_app
-
-_MODEL = flags.DEFINE_string("model", None, "HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct).")
-_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
-_QUANT_TYPE = flags.DEFINE_enum("quant_type", "nf4", ["nf4", "fp4"], "4-bit data type.")
-_DOUBLE_QUANT = flags.DEFINE_bool("double_quant", True, "Quantize the block scales too (bitsandbytes' double quant).")
-_BLOCKSIZE = flags.DEFINE_integer("blocksize", 64, "Weights per quantization block (32, 64, ..., 4096).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
-                           "dtype of the dense tensors and of the 4-bit matmuls (bnb_4bit_compute_dtype).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+from experiments.common import run_in_process
 
 
-def main(argv) -> None:
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("model", None, "HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct).",
+                        flag_values=fv)
+    flags.DEFINE_string("out", None, "Output folder.", required=True, flag_values=fv)
+    flags.DEFINE_enum("quant_type", "nf4", ["nf4", "fp4"], "4-bit data type.", flag_values=fv)
+    flags.DEFINE_bool("double_quant", True, "Quantize the block scales too (bitsandbytes' double quant).",
+                      flag_values=fv)
+    flags.DEFINE_integer("blocksize", 64, "Weights per quantization block (32, 64, ..., 4096).", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                      "dtype of the dense tensors and of the 4-bit matmuls (bnb_4bit_compute_dtype).", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.", flag_values=fv)
+
+
+def main(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     del argv
     log_to_stderr()
     from absl import logging
@@ -32,20 +39,26 @@ def main(argv) -> None:
     from jaxpeft.convert.load import QuantizedBaseLoader
     from jaxpeft.core.errors import ConfigError
 
-    quant = Bnb4bitConfig(quant_type=_QUANT_TYPE.value, double_quant=_DOUBLE_QUANT.value, blocksize=_BLOCKSIZE.value)
-    model, params, tokenizer, info = QuantizedBaseLoader(quant)(_MODEL.value, dtype=None)
+    quant = Bnb4bitConfig(quant_type=fv.quant_type, double_quant=fv.double_quant, blocksize=fv.blocksize)
+    model, params, tokenizer, info = QuantizedBaseLoader(quant)(fv.model, dtype=None)
     if info["quantization"]["source"].startswith("bitsandbytes"):
-        raise ConfigError(f"{_MODEL.value} is already a bitsandbytes checkpoint; there is nothing to quantize.")
+        raise ConfigError(f"{fv.model} is already a bitsandbytes checkpoint; there is nothing to quantize.")
     try:
-        save_bnb_folder(_OUT.value, params, model.config, tokenizer=tokenizer, dtype=_DTYPE.value,
-                        compute_dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+        save_bnb_folder(fv.out, params, model.config, tokenizer=tokenizer, dtype=fv.dtype,
+                        compute_dtype=fv.dtype, overwrite=fv.overwrite)
     except FileExistsError as e:
-        raise ConfigError(f"{_OUT.value} exists; pass --overwrite to replace it or choose another --out.") from e
+        raise ConfigError(f"{fv.out} exists; pass --overwrite to replace it or choose another --out.") from e
     b = info["quantization"]["base_param_bytes"]
-    logging.info("wrote %s", _OUT.value)
-    print(f"{_OUT.value}: {info['quantization']['quantized_modules']} linear modules in {_QUANT_TYPE.value}; "
+    logging.info("wrote %s", fv.out)
+    print(f"{fv.out}: {info['quantization']['quantized_modules']} linear modules in {fv.quant_type}; "
           f"parameters {b['quantized'] / 1e6:.1f} MB (fp32: {b['float32'] / 1e6:.1f} MB)")
 
 
+def run(argv: Sequence[str]) -> int:
+    """`python -m experiments.quantize ARGV[1:]` in this process (its own FlagValues); returns the exit code."""
+    return run_in_process(define_flags, main, argv, doc=__doc__)
+
+
 if __name__ == "__main__":
-    run_app(main)
+    define_flags(flags.FLAGS)
+    run_app(lambda argv: main(flags.FLAGS, argv))

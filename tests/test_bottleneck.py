@@ -28,6 +28,7 @@ from jaxpeft.core.tree import flatten_params
 from jaxpeft.methods import get_method
 from jaxpeft.methods.bottleneck import AdaptersConfig
 from tests import tolerances
+from tests.cli import run_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "adapterhub"
@@ -288,17 +289,17 @@ def test_dropout_acts_only_while_training(base, golden):
     assert m.dropout_rate == 0.0 and m.deterministic
 
 
-def test_adapters_cli_writes_an_adapterhub_folder(tmp_path):
+def test_adapters_cli_writes_an_adapterhub_folder(tmp_path, tiny_model_dir):
+    """The training run and the foreign flag in this process (`run_entry`); the refused --save_merged is the
+    subprocess smoke test of `python -m experiments.adapters`."""
     pytest.importorskip("torch")
-    from tests.hf_tiny import tiny_model_folder
-
-    model_dir = tiny_model_folder(tmp_path / "model")
+    model_dir = tiny_model_dir
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "experiments.adapters", f"--model={model_dir}", "--adapter_type=pfeiffer",
             "--reduction_factor=8", "--activation=gelu", "--steps=3", "--batch_size=4", "--eval_examples=4",
             "--save_every=3", f"--out={out}", "--noprogress", "--adapter_name=dates"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    proc = run_entry(*args[2:], check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "eval_exact_match" in proc.stdout
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
@@ -313,8 +314,7 @@ def test_adapters_cli_writes_an_adapterhub_folder(tmp_path):
     ups = [v for p, v in flatten_params(adapted).items() if p[-2:] == ("up", "kernel")]
     assert len(ups) == 2 and all(jnp.any(u) for u in ups)  # trained away from the zero init
     # A flag of another method and --save_merged are refused before any training.
-    bad = subprocess.run(args[:3] + [f"--model={model_dir}", "--rank=4", f"--out={tmp_path / 'x'}"], cwd=ROOT,
-                         capture_output=True, text=True, env=env, timeout=300)
+    bad = run_entry(args[2], f"--model={model_dir}", "--rank=4", f"--out={tmp_path / 'x'}", check=False)
     assert bad.returncode != 0 and "rank" in bad.stderr
     bad = subprocess.run(args[:3] + [f"--model={model_dir}", f"--out={tmp_path / 'y'}",
                                      "--save_merged"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)

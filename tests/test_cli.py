@@ -1,4 +1,8 @@
-"""The entry points as a user runs them: experiments.lora on a tiny local model, then experiments.generate."""
+"""The entry points as a user runs them: experiments.lora on a tiny local model, then experiments.generate.
+
+The training run and the sampled generation run in this process (`run_entry`); the refusal of a non-empty
+--out (lora) and the greedy generation with the adapter (generate) are the subprocess smoke tests of the
+real `python -m` command lines."""
 
 from __future__ import annotations
 
@@ -6,20 +10,19 @@ import json
 
 import pytest
 
-from tests.cli import run_module as _run
-from tests.hf_tiny import tiny_model_folder
+from tests.cli import run_entry, run_module as _run
 
 pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("cli")
-    model = tiny_model_folder(root / "model")
+    model = tiny_model_dir
     out = root / "run"
-    proc = _run("experiments.lora", f"--model={model}", "--rank=4", "--steps=3", "--batch_size=4",
-                "--eval_examples=4", "--save_every=2", f"--out={out}", "--save_merged", "--noprogress",
-                "--targets=re:.*self_attn\\.(q|v)_proj")
+    proc = run_entry("experiments.lora", f"--model={model}", "--rank=4", "--steps=3", "--batch_size=4",
+                     "--eval_examples=4", "--save_every=2", f"--out={out}", "--save_merged", "--noprogress",
+                     "--targets=re:.*self_attn\\.(q|v)_proj")
     return model, out, proc
 
 
@@ -43,8 +46,8 @@ def test_generate_cli_with_the_adapter_prints_only_the_continuation(trained):
     proc = _run("experiments.generate", f"--model={model}", f"--adapter={out}/adapter", "--prompt=4 may 1962",
                 "--max_new_tokens=5", "--greedy")
     assert proc.stdout.count("\n") == 1  # one line: the continuation, nothing else
-    sampled = _run("experiments.generate", f"--model={model}", "--prompt=hello", "--max_new_tokens=5",
-                   "--temperature=0.8", "--top_k=5", "--seed=3", "--nochat")
+    sampled = run_entry("experiments.generate", f"--model={model}", "--prompt=hello", "--max_new_tokens=5",
+                        "--temperature=0.8", "--top_k=5", "--seed=3", "--nochat")
     assert sampled.stdout.count("\n") == 1
 
 

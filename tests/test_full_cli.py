@@ -1,5 +1,7 @@
 """experiments.full as a user runs it: 3 steps of full fine-tuning on a tiny local model; model/ is an HF
-folder that transformers loads with the trained weights; --save_merged is refused before any work."""
+folder that transformers loads with the trained weights; --save_merged is refused before any work.
+The refusal of --save_merged is the subprocess smoke test of `python -m experiments.full`; the rest runs
+in this process (`run_entry`)."""
 
 from __future__ import annotations
 
@@ -9,21 +11,21 @@ import chex
 import numpy as np
 import pytest
 
-from tests.cli import run_module as _run
+from tests.cli import run_entry, run_module as _run
 from tests import tolerances
-from tests.hf_tiny import hf_logits, tiny_model_folder
+from tests.hf_tiny import hf_logits
 
 pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("full")
-    model = tiny_model_folder(root / "model")
+    model = tiny_model_dir
     out = root / "run"
     # lr 1e-3 so 3 steps visibly move the tiny random model (the 5e-5 default suits real models).
-    proc = _run("experiments.full", f"--model={model}", "--steps=3", "--batch_size=4", "--eval_examples=4",
-                "--save_every=0", "--lr=1e-3", f"--out={out}", "--noprogress")
+    proc = run_entry("experiments.full", f"--model={model}", "--steps=3", "--batch_size=4", "--eval_examples=4",
+                     "--save_every=0", "--lr=1e-3", f"--out={out}", "--noprogress")
     return model, out, proc
 
 
@@ -67,5 +69,5 @@ def test_full_cli_refuses_save_merged_before_doing_anything(run, tmp_path):
 
 def test_full_cli_has_no_method_flags(run, tmp_path):
     model_dir, _, _ = run
-    proc = _run("experiments.full", f"--model={model_dir}", f"--out={tmp_path / 'y'}", "--rank=4", check=False)
+    proc = run_entry("experiments.full", f"--model={model_dir}", f"--out={tmp_path / 'y'}", "--rank=4", check=False)
     assert proc.returncode != 0 and "rank" in proc.stderr and not (tmp_path / "y").exists()

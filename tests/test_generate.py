@@ -7,18 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft import from_transformers
 from jaxpeft.models.generate import SamplingConfig, generate, select_token
-from tests.hf_tiny import VOCAB, tiny_hf_config, tiny_hf_model
+from tests.hf_tiny import VOCAB
 
 torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def pair():
-    hf = tiny_hf_model(tiny_hf_config(), seed=4)
-    model, params = from_transformers(hf)
-    return hf, model, params
+def pair(tiny_base):
+    return tiny_base(seed=4)
 
 
 def _hf_greedy(hf, prompt, n):

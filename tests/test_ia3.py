@@ -15,20 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft import from_transformers
 from jaxpeft.core.errors import CheckpointError, ConfigError
 from jaxpeft.core.tree import flatten_params, unflatten_params
 from jaxpeft.methods import get_method
 from jaxpeft.methods.ia3 import IA3Config
 from jaxpeft.models import ops
-from tests.cli import run_module as _run
+from tests.cli import run_entry, run_module as _run
 from tests import tolerances
 from tests.hf_tiny import (
     VOCAB,
     hf_logits,
     tiny_hf_config,
     tiny_hf_model,
-    tiny_model_folder,
 )
 
 torch = pytest.importorskip("torch")
@@ -39,9 +37,8 @@ IDS = np.random.default_rng(0).integers(0, VOCAB, (2, 11))
 
 
 @pytest.fixture(scope="module")
-def base():
-    hf = tiny_hf_model(tiny_hf_config(layers=3, bias=True), seed=3)  # q/k/v biases: IA3 scales k/v's bias
-    model, params = from_transformers(hf)
+def base(tiny_base):
+    hf, model, params = tiny_base(seed=3, layers=3, bias=True)  # q/k/v biases: IA3 scales k/v's bias
     return hf, model, params, hf_logits(hf, IDS)
 
 
@@ -97,11 +94,10 @@ def test_init_adds_ones_beside_the_targeted_kernels(base):
     assert counts["trainable"] == counts["adapter"] == 3 * (8 + 8 + 52)
 
 
-def test_quantized_base_forward_and_merge():
+def test_quantized_base_forward_and_merge(tiny_base):
     from jaxpeft.quant import dequantize_params, quantize_params
 
-    hf = tiny_hf_model(tiny_hf_config(layers=2), seed=4)
-    model, params = from_transformers(hf)
+    _, model, params = tiny_base(seed=4, layers=2)
     q = quantize_params(params)
     cfg = IA3Config()
     adapted = _randomised(q, cfg, seed=2)
@@ -273,13 +269,15 @@ def test_save_refuses_leaves_that_disagree_with_the_config(base, tmp_path):
 # --- the entry point ---------------------------------------------------------------------------------
 
 
-def test_ia3_cli_adapter_loads_in_peft_and_equals_merged(tmp_path, caplog):
+def test_ia3_cli_adapter_loads_in_peft_and_equals_merged(tmp_path, caplog, tiny_model_dir):
+    """The training run in this process (`run_entry`); the refused --feedforward is the subprocess smoke test
+    of `python -m experiments.ia3`."""
     import transformers
 
-    model_dir = tiny_model_folder(tmp_path / "model")
+    model_dir = tiny_model_dir
     out = tmp_path / "run"
-    _run("experiments.ia3", f"--model={model_dir}", "--steps=3", "--batch_size=4", "--eval_examples=4",
-         "--save_every=0", f"--out={out}", "--save_merged", "--noprogress")
+    run_entry("experiments.ia3", f"--model={model_dir}", "--steps=3", "--batch_size=4", "--eval_examples=4",
+              "--save_every=0", f"--out={out}", "--save_merged", "--noprogress")
     settings = json.loads((out / "config.json").read_text())["settings"]
     assert settings["method"] == "ia3" and settings["lr"] == 1e-2
     assert settings["method_config"]["feedforward_modules"] == ["down_proj"]

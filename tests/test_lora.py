@@ -6,7 +6,6 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpeft import from_transformers
 from jaxpeft.core.errors import ConfigError
 from jaxpeft.core.targets import match_targets
 from jaxpeft.core.tree import dotted, flatten_params
@@ -14,15 +13,15 @@ from jaxpeft.methods import get_method
 from jaxpeft.methods.lora import LoraConfig
 from jaxpeft.train import optim
 from jaxpeft.train.loop import TrainConfig, Trainer
-from tests.hf_tiny import VOCAB, tiny_hf_config, tiny_hf_model
+from tests.hf_tiny import VOCAB
 
 pytest.importorskip("torch")
 LORA = get_method("lora")
 
 
 @pytest.fixture(scope="module")
-def base():
-    return from_transformers(tiny_hf_model(tiny_hf_config(), seed=7))
+def base(tiny_base):
+    return tiny_base(seed=7)[1:]
 
 
 def _adapted_modules(params):

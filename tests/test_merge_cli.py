@@ -1,5 +1,7 @@
 """experiments.merge / jaxpeft.merge.folders: PEFT folders in (jaxpeft's and peft's), a PEFT folder that peft
-loads and a merged HF model that transformers loads out; bad input refused with clear errors; the demo's task."""
+loads and a merged HF model that transformers loads out; bad input refused with clear errors; the demo's task.
+The refused --density=1.5 is the subprocess smoke test of `python -m experiments.merge` (the demo's, slow, of
+experiments.merge_demo); the other runs are in this process (`run_entry`)."""
 
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ from jaxpeft.core.tree import dotted, flatten_params, unflatten_params
 from jaxpeft.merge.folders import MergeConfig, merge_folders, read_lora_folder, write_lora_folder
 from jaxpeft.methods.lora import Lora, LoraConfig
 from jaxpeft.data.tasks import get_task, time_split_of
-from tests.cli import run_module as _run
+from tests.cli import run_entry, run_module as _run
 from tests import tolerances
-from tests.hf_tiny import hf_logits, tiny_model_folder
+from tests.hf_tiny import hf_logits
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -49,10 +51,10 @@ def _peft_model(base_dir, adapter_dir, caplog):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_model_dir):
     """A tiny base folder; adapter "ours" (jaxpeft LoRA, r4) and "theirs" (peft's save_pretrained, r4)."""
     root = tmp_path_factory.mktemp("merge")
-    base_dir = tiny_model_folder(root / "model")
+    base_dir = tiny_model_dir
     model, params, _ = jaxpeft.from_pretrained(base_dir, load_tokenizer=False)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"))
     ours = Lora().init(jax.random.key(1), params, cfg)
@@ -70,8 +72,8 @@ def setup(tmp_path_factory):
 def test_cli_writes_an_adapter_peft_loads_and_a_merged_model_with_its_logits(setup, caplog):
     root, base_dir, _, _ = setup
     out = root / "cli_ties"
-    proc = _run("experiments.merge", f"--adapters={root / 'ours'},{root / 'theirs'}", "--weights=0.7,0.5",
-                "--combination=ties", "--density=0.6", f"--out={out}", "--save_merged")
+    proc = run_entry("experiments.merge", f"--adapters={root / 'ours'},{root / 'theirs'}", "--weights=0.7,0.5",
+                     "--combination=ties", "--density=0.6", f"--out={out}", "--save_merged")
     summary = json.loads(proc.stdout)
     assert summary["merged"] == str(out / "merged") and summary["combination"] == "ties"
     assert summary["semantics"] == "exact" and summary["distance_to_weighted_sum"] > 0  # TIES trims: not the sum

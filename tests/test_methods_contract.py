@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft import from_transformers
 from jaxpeft.core.tree import flatten_params
 from jaxpeft.core.errors import CheckpointError, ConfigError
 from jaxpeft.methods import METHODS, get_method
@@ -22,7 +21,7 @@ from jaxpeft.methods.prompt import PromptConfig
 from jaxpeft.train import optim
 from jaxpeft.train.loop import TrainConfig, Trainer
 from tests import tolerances
-from tests.hf_tiny import VOCAB, tiny_hf_config, tiny_hf_model
+from tests.hf_tiny import VOCAB
 
 pytest.importorskip("torch")
 
@@ -53,8 +52,8 @@ def test_every_registered_method_is_in_the_battery():
 
 
 @pytest.fixture(scope="module")
-def base():
-    return from_transformers(tiny_hf_model(tiny_hf_config(), seed=5))
+def base(tiny_base):
+    return tiny_base(seed=5)[1:]
 
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(3, VOCAB, (2, 9)))

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft import from_transformers
 from jaxpeft.methods.lora import save_peft_adapter
 from jaxpeft.core import partition
 from jaxpeft.core.errors import ConfigError
@@ -43,9 +42,9 @@ def _adapted(params, config, seed):
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(tiny_base):
     hf_config = tiny_hf_config(layers=2)
-    model, base = from_transformers(tiny_hf_model(hf_config, seed=3))
+    _, model, base = tiny_base(seed=3, layers=2)  # the model of tiny_hf_model(hf_config, seed=3)
     full = {n: _adapted(base, cfg, seed) for seed, (n, cfg) in enumerate(CONFIGS.items(), 1)}
     adapters = {n: LORA.split(full[n], CONFIGS[n])[0] for n in full}
     reg = AdapterRegistry(model, base)

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft import from_transformers
 from jaxpeft.methods.lora import load_peft_adapter, save_peft_adapter
 from jaxpeft.core.errors import CheckpointError, ConfigError
 from jaxpeft.core.tree import flatten_params, unflatten_params
@@ -54,9 +53,8 @@ IMPORT_CASES = {
 
 
 @pytest.fixture(scope="module")
-def base():
-    hf = tiny_hf_model(tiny_hf_config(layers=3), seed=3)  # untied, so lm_head can be a module to save
-    model, params = from_transformers(hf)
+def base(tiny_base):
+    hf, model, params = tiny_base(seed=3, layers=3)  # untied, so lm_head can be a module to save
     return hf, model, params, hf_logits(hf, IDS)
 
 

@@ -22,9 +22,9 @@ from jaxpeft.methods import get_method
 from jaxpeft.methods.prefix import PrefixConfig
 from jaxpeft.methods.prompt import PromptConfig
 from jaxpeft.models.generate import generate
-from tests.cli import run_module as _run
+from tests.cli import run_entry, run_module as _run
 from tests import tolerances
-from tests.hf_tiny import VOCAB, hf_logits, tiny_hf_config, tiny_hf_model, tiny_model_folder, tiny_tokenizer
+from tests.hf_tiny import VOCAB, hf_logits, tiny_hf_config, tiny_hf_model, tiny_tokenizer
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -295,12 +295,13 @@ def test_a_cache_without_the_virtual_slots_is_refused(pair):
         ("model", "layers", str(i), "self_attn", leaf) for i in range(3) for leaf in ("prefix_key", "prefix_value")}
 
 
-# --- entry points ----------------------------------------------------------------------------------------------
+# --- entry points: the training runs in this process (`run_entry`); the refusals are the subprocess smoke tests
+# of `python -m experiments.prefix` and `python -m experiments.prompt`. ------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return tiny_model_folder(tmp_path_factory.mktemp("model") / "m")
+def tiny_folder(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.mark.parametrize("entry,flags,peft_type", [
@@ -311,8 +312,8 @@ def tiny_folder(tmp_path_factory):
 ])
 def test_entry_point_trains_and_writes_a_peft_folder(tiny_folder, tmp_path, entry, flags, peft_type):
     out = tmp_path / "run"
-    proc = _run(entry, f"--model={tiny_folder}", *flags, "--steps=3", "--batch_size=4", "--eval_examples=4",
-                f"--out={out}", "--noprogress")
+    proc = run_entry(entry, f"--model={tiny_folder}", *flags, "--steps=3", "--batch_size=4", "--eval_examples=4",
+                     f"--out={out}", "--noprogress")
     assert "eval_exact_match" in proc.stdout
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == peft_type and adapter["base_model_name_or_path"] == tiny_folder

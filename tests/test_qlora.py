@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft import from_transformers
 from jaxpeft.convert.bnb import Bnb4bitConfig
 from jaxpeft.convert.load import QuantizedBaseLoader
 from jaxpeft.methods.lora import load_peft_adapter
@@ -20,9 +19,9 @@ from jaxpeft.methods.lora import LoraConfig
 from jaxpeft.quant import Quantized4bit, quantize_params
 from jaxpeft.train import optim
 from jaxpeft.train.loop import TrainConfig, Trainer
-from tests.cli import run_module
+from tests.cli import run_entry, run_module
 from tests import tolerances
-from tests.hf_tiny import VOCAB, hf_logits, tiny_hf_config, tiny_hf_model, tiny_model_folder
+from tests.hf_tiny import VOCAB, hf_logits
 
 torch = pytest.importorskip("torch")
 LORA = get_method("lora")
@@ -30,11 +29,12 @@ QUANT_FLAGS = ("--quant_type=fp4", "--blocksize=32")  # not the defaults, so the
 
 
 def _cli(*args, check=True):
+    """The subprocess smoke test of `python -m experiments.qlora` (the bad --blocksize)."""
     return run_module("experiments.qlora", *args, check=check, timeout=600)
 
 
-def test_qlora_training_lowers_the_loss_and_keeps_the_base_quantized():
-    model, params = from_transformers(tiny_hf_model(tiny_hf_config(layers=2), seed=3))
+def test_qlora_training_lowers_the_loss_and_keeps_the_base_quantized(tiny_base):
+    _, model, params = tiny_base(seed=3, layers=2)
     qparams = quantize_params(params, blocksize=32)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
     adapted = LORA.init(jax.random.PRNGKey(0), qparams, cfg)
@@ -67,13 +67,13 @@ def test_unsupported_blocksize_is_a_clear_error():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("qlora")
-    model = tiny_model_folder(root / "model")
+    model = tiny_model_dir
     out = root / "run"
-    proc = _cli(f"--model={model}", "--rank=4", "--steps=3", "--batch_size=4", "--eval_examples=4",
-                "--lr=1e-2", "--warmup_steps=0", "--save_every=0", f"--out={out}", "--save_merged", "--noprogress",
-                *QUANT_FLAGS)
+    proc = run_entry("experiments.qlora", f"--model={model}", "--rank=4", "--steps=3", "--batch_size=4",
+                     "--eval_examples=4", "--lr=1e-2", "--warmup_steps=0", "--save_every=0", f"--out={out}",
+                     "--save_merged", "--noprogress", *QUANT_FLAGS)
     return model, out, proc
 
 

@@ -1,0 +1,65 @@
+"""Session-wide fixtures: the tiny models that many test files share, each built once per session (once per
+xdist worker). tests/hf_tiny.py stays the builder library; these fixtures only cache what it builds.
+
+Shared things are read-only by contract: a test that writes into the model folder takes `tiny_model_copy`,
+and one that mutates a torch model (e.g. `peft.get_peft_model`, which injects layers in place) builds its own
+with `tiny_hf_model` (or deep-copies). Jax params are immutable, so sharing them is safe.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from jaxpeft import from_transformers
+from tests.hf_tiny import tiny_hf_config, tiny_hf_model, tiny_model_folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """`(layers=2, seed=0) -> str`: a tiny random Llama + tokenizer HF folder (`tiny_model_folder`), built once
+    per (layers, seed) in this session. Do not write into it."""
+    built: dict[tuple[int, int], str] = {}
+
+    def get(layers: int = 2, seed: int = 0) -> str:
+        pytest.importorskip("torch")
+        key = (layers, seed)
+        if key not in built:
+            built[key] = tiny_model_folder(tmp_path_factory.mktemp(f"tiny_model_l{layers}_s{seed}") / "model",
+                                           layers=layers, seed=seed)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_dirs) -> str:
+    """The default tiny HF folder (2 layers, seed 0): the `--model` of the end-to-end runs. Read-only."""
+    return tiny_model_dirs()
+
+
+@pytest.fixture
+def tiny_model_copy(tiny_model_dir, tmp_path) -> str:
+    """A private copy of `tiny_model_dir` in this test's tmp_path, for a test that writes into the folder."""
+    return str(shutil.copytree(tiny_model_dir, tmp_path / "tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """`(seed=0, **tiny_hf_config kwargs) -> (hf, model, params)`: `tiny_hf_model(tiny_hf_config(**kw), seed)`
+    and its `from_transformers` conversion, built once per (seed, kwargs) in this session.
+
+    The torch model `hf` is shared: deep-copy it (or build one with `tiny_hf_model`) before mutating it.
+    """
+    built: dict = {}
+
+    def get(seed: int = 0, **config_kw):
+        pytest.importorskip("torch")
+        key = (seed, tuple(sorted(config_kw.items())))
+        if key not in built:
+            hf = tiny_hf_model(tiny_hf_config(**config_kw), seed=seed)
+            built[key] = (hf, *from_transformers(hf))
+        return built[key]
+
+    return get
