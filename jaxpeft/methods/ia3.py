@@ -164,10 +164,6 @@ class IA3(Method):
                 flat[module + ("bias",)] = (b.astype(jnp.float32) / scale).astype(b.dtype)
         return unflatten_params(flat)
 
-    def to_peft(self, params: Mapping, config: IA3Config, **kw: Any) -> tuple[dict, dict]:
-        peft_ia3.check_saveable(params, config)
-        return peft_config_dict(params, config, **kw), peft_tensors(params)
-
     def save(self, path: Any, params: Mapping, config: IA3Config, *, model_config: Any,
              base_model_name_or_path: str, tokenizer: Any = None, overwrite: bool = False) -> None:
         save_peft_ia3(path, params, config, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
