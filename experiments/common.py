@@ -81,8 +81,10 @@ def define_run_flags(fv: flags.FlagValues, default_steps: int = 200, default_lr:
     flags.DEFINE_integer("warmup_steps", 10, "Warm-up steps.", flag_values=fv)
     flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay (matrices only).", flag_values=fv)
     flags.DEFINE_float("max_grad_norm", 1.0, "Global-norm gradient clipping (0 = off).", flag_values=fv)
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (adapter weights stay fp32).",
+    flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
+                      "Compute dtype; auto: the base's float dtype (adapters, optimizer state and loss stay fp32).",
                       flag_values=fv)
+    define_param_dtype_flag(fv)
     flags.DEFINE_bool("remat", False, "Recompute layer activations in the backward pass (saves memory).",
                       flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed for init, data order and dropout.", flag_values=fv)
@@ -102,6 +104,13 @@ def define_run_flags(fv: flags.FlagValues, default_steps: int = 200, default_lr:
     flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,fsdp:2,tensor:2 (default: every device on data; "
                         "an axis left out is 1, data takes the rest). See launch/README.md.", flag_values=fv)
     flags.DEFINE_enum("parallel", "jit", ["jit", "pmap"], "jit: sharded over --mesh; pmap: data parallelism.",
+                      flag_values=fv)
+
+
+def define_param_dtype_flag(fv: flags.FlagValues) -> None:
+    """--param_dtype: the stored dtype of the base weights (the training, generate and merge entry points)."""
+    flags.DEFINE_enum("param_dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
+                      "Stored dtype of the base weights; auto: as the checkpoint stores them (bf16 stays bf16).",
                       flag_values=fv)
 
 
@@ -146,7 +155,7 @@ def run_config_from_flags(fv: flags.FlagValues, method_name: str):
     return RunConfig(out=out, model=f.model, dataset=f.dataset, eval_split=eval_split, eval_dataset=f.eval_dataset,
                      steps=f.steps, batch_size=f.batch_size, grad_accum=f.grad_accum, seq_len=f.seq_len, pack=f.pack,
                      lr=f.lr, warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,
-                     max_grad_norm=f.max_grad_norm, dtype=f.dtype, remat=f.remat, seed=f.seed,
+                     max_grad_norm=f.max_grad_norm, dtype=f.dtype, param_dtype=f.param_dtype, remat=f.remat, seed=f.seed,
                      eval_every=f.eval_every, eval_examples=f.eval_examples, save_every=f.save_every,
                      keep_checkpoints=f.keep_checkpoints, resume=f.resume, overwrite=f.overwrite,
                      save_merged=f.save_merged, merged_dtype=f.merged_dtype, progress=f.progress,

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-from experiments.common import encode_prompt, log_to_stderr, run_cli, run_in_process
+from experiments.common import define_param_dtype_flag, encode_prompt, log_to_stderr, run_cli, run_in_process
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -28,6 +28,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens when sampling (0 = all).", flag_values=fv)
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0 = off).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+    define_param_dtype_flag(fv)
     flags.DEFINE_bool("chat", True, "Wrap the prompt in the tokenizer's chat template (--nochat: raw).", flag_values=fv)
 
 
@@ -41,7 +42,7 @@ def main(fv: flags.FlagValues, argv: Sequence[str]) -> None:
         raise app.UsageError("--greedy and --temperature contradict each other; pass one of them")
     sample = fv.temperature is not None or fv.top_k > 0 or fv.top_p < 1.0
     sampling = SamplingConfig(greedy=not sample, temperature=fv.temperature or 1.0, top_k=fv.top_k, top_p=fv.top_p)
-    model, params, tokenizer = jaxpeft.from_pretrained(fv.model)
+    model, params, tokenizer = jaxpeft.from_pretrained(fv.model, param_dtype=fv.param_dtype)
     if fv.adapter:
         from jaxpeft.methods import load_adapter
 

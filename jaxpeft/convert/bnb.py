@@ -33,8 +33,11 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
-from jaxpeft.convert.hf import (numpy_dtype, hf_name_to_path, load_tokenizer_from, params_to_hf, read_hf_weights,
-                                write_hf_folder)
+from jaxpeft.convert.hf import (numpy_dtype, tensor_ndim, hf_name_to_path, load_tokenizer_from, params_to_hf,
+                                read_hf_weights, write_hf_folder)
+from jaxpeft.convert.stream import Placement, load_params
+from jaxpeft.core import dtypes
+from jaxpeft.core.dtypes import config_dtype
 from jaxpeft.core.errors import CheckpointError, ConfigError, UnsupportedModelError, bullet_list
 from jaxpeft.core.partition import count
 from jaxpeft.core.targets import Targets
@@ -194,42 +197,46 @@ def is_bnb_folder(folder: str | os.PathLike) -> bool:
     return qc.get("quant_method") == "bitsandbytes"
 
 
-def bnb_to_params(state: Mapping[str, np.ndarray], config: LlamaConfig, param_dtype: Any = np.float32) -> dict:
-    """Converts a bitsandbytes 4-bit HF state dict into a tree with `qkernel`s holding its exact bytes."""
-    import jax.numpy as jnp
-
-    metas = {k.split(STATE_TAG)[0]: k for k in state if STATE_TAG in k}
-    bad_type = [f"{k}: quant type {k.split(STATE_TAG)[1]!r}" for k in state
+def bnb_to_params(state: Mapping[str, np.ndarray], config: LlamaConfig, param_dtype: Any = np.float32, *,
+                  placement: Placement | None = None, progress: bool = False) -> dict:
+    """Converts a bitsandbytes 4-bit HF state dict (a dict, or a lazy `stream.Checkpoint` read one tensor at
+    a time) into a tree with `qkernel`s holding its exact bytes; dense tensors stored in `param_dtype`."""
+    names = list(state)
+    metas = {k.split(STATE_TAG)[0]: k for k in names if STATE_TAG in k}
+    bad_type = [f"{k}: quant type {k.split(STATE_TAG)[1]!r}" for k in names
                 if STATE_TAG in k and k.split(STATE_TAG)[1] not in nf4.CODES]
     if bad_type:
         raise UnsupportedModelError("this bitsandbytes checkpoint uses 4-bit types jaxpeft does not know:\n"
                                     + bullet_list(bad_type) + f"\nSupported: {sorted(nf4.CODES)}.")
+    aux = {f"{m}.weight.{a}" for m in metas for a in _AUX} | set(metas.values())
+    dense = [k for k in names if k not in aux and not (k.endswith(".weight") and k[:-7] in metas)
+             and not k.endswith("rotary_emb.inv_freq")]
+    present = set(dense) | {f"{m}.weight" for m in metas}
+    if config.tie_word_embeddings:
+        present.discard("lm_head.weight")
+        dense = [k for k in dense if k != "lm_head.weight"]
+    expected = family_of(config.model_type).hf_names(config)
+    problems = [f"missing: {n}" for n in sorted(expected - present)]
+    problems += [f"unexpected: {n}" for n in sorted(present - expected)]
+    if problems:  # before reading any tensor data
+        raise CheckpointError("this bitsandbytes checkpoint does not fit its config.json:\n"
+                              + bullet_list(problems[:40]) + "\nCheck that the folder is complete and unmodified.")
+    placement = placement or Placement()
     flat: dict[tuple[str, ...], Any] = {}
-    problems: list[str] = []
     for module, key in sorted(metas.items()):
         try:
-            flat[tuple(module.split(".")) + ("qkernel",)] = _quantized(module, key, state)
+            path = tuple(module.split(".")) + ("qkernel",)
+            flat[path] = placement.put(path, _quantized(module, key, state))
         except KeyError as e:
             problems.append(f"{module}: missing tensor or quant_state field {e}")
         except ValueError as e:
             problems.append(f"{module}: {e}")
-    aux = {f"{m}.weight.{a}" for m in metas for a in _AUX} | set(metas.values())
-    dense = {k: v for k, v in state.items() if k not in aux and not (k.endswith(".weight") and k[:-7] in metas)}
-    present = set(dense) | {f"{m}.weight" for m in metas}
-    if config.tie_word_embeddings:
-        present.discard("lm_head.weight")
-        dense.pop("lm_head.weight", None)
-    expected = family_of(config.model_type).hf_names(config)
-    problems += [f"missing: {n}" for n in sorted(expected - present)]
-    problems += [f"unexpected: {n}" for n in sorted(present - expected) if not n.endswith("rotary_emb.inv_freq")]
     if problems:
         raise CheckpointError("this bitsandbytes checkpoint does not fit its config.json:\n"
                               + bullet_list(problems[:40]) + "\nCheck that the folder is complete and unmodified.")
-    for name, array in sorted(dense.items()):
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        path, leaf = hf_name_to_path(name, array.ndim)
-        flat[path + (leaf,)] = jnp.asarray(array.T if leaf == "kernel" else array, dtype=param_dtype)
+    layout = {name: hf_name_to_path(name, tensor_ndim(state, name)) for name in dense}
+    flat.update(flatten_params(load_params(state, layout, param_dtype=param_dtype, placement=placement,
+                                           progress=progress, desc="load (dense tensors)")))
     return unflatten_params(flat)
 
 
@@ -276,11 +283,12 @@ def _quantized(module: str, key: str, state: Mapping[str, np.ndarray]) -> Any:
 
 
 def load_bnb_folder(folder: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None, remat: bool = False,
-                    load_tokenizer: bool = True):
+                    load_tokenizer: bool = True, placement: Placement | None = None, progress: bool = False):
     """Loads an HF folder quantized by bitsandbytes (4-bit): returns (model, params, tokenizer).
 
     Quantized linears become `qkernel`s built from the checkpoint's own codes and statistics; dense
-    tensors are stored in `param_dtype` (default float32); `dtype` is the compute dtype.
+    tensors are stored in `param_dtype`, by default ("auto") as the checkpoint stores them; `dtype`, the
+    compute dtype, defaults to the checkpoint's `bnb_4bit_compute_dtype`. Read one tensor at a time.
     """
     import jax.numpy as jnp
 
@@ -295,10 +303,14 @@ def load_bnb_folder(folder: str | os.PathLike, *, dtype: Any = None, param_dtype
         raise CheckpointError(f"{folder} has no quantization_config in config.json, so it is not a bitsandbytes "
                               "checkpoint; load it with jaxpeft.from_pretrained.")
     config = config_from_hf(rest)
-    param_dtype = param_dtype or jnp.float32
-    params = bnb_to_params(read_hf_weights(folder), config, param_dtype)
-    logging.info("loaded a bitsandbytes %s checkpoint from %s", qc.get("bnb_4bit_quant_type"), folder)
-    model = build_model(config, dtype=dtype or jnp.float32, param_dtype=param_dtype, remat=remat)
+    state = read_hf_weights(folder)
+    stored = config_dtype(rest) or getattr(state, "float_dtype", lambda: None)() or "float32"
+    param_name = dtypes.resolve(param_dtype, stored)
+    compute_name = dtypes.resolve(dtype, qc.get("bnb_4bit_compute_dtype") or param_name)
+    params = bnb_to_params(state, config, jnp.dtype(param_name), placement=placement, progress=progress)
+    logging.info("loaded a bitsandbytes %s checkpoint from %s (dense tensors %s, computing in %s)",
+                 qc.get("bnb_4bit_quant_type"), folder, param_name, compute_name)
+    model = build_model(config, dtype=jnp.dtype(compute_name), param_dtype=jnp.dtype(param_name), remat=remat)
     return model, params, load_tokenizer_from(folder) if load_tokenizer else None
 
 

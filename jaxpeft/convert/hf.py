@@ -14,9 +14,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxpeft.convert.stream import Checkpoint, Placement, QuantizeSpec, load_params
 from jaxpeft.core.atomic import atomic_dir
 from jaxpeft.core.errors import CheckpointError, bullet_list
-from jaxpeft.core.tree import flatten_params, unflatten_params
+from jaxpeft.core.tree import flatten_params
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.families import family_of
 
@@ -25,10 +26,12 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def hf_to_params(state: Mapping[str, np.ndarray], config: LlamaConfig, dtype: Any = np.float32) -> dict:
-    """Converts an HF state dict (torch layout, numpy arrays) into the canonical parameter tree."""
-    import jax.numpy as jnp
-
+def hf_to_params(state: Mapping[str, np.ndarray], config: LlamaConfig, dtype: Any = np.float32, *,
+                 quantize: QuantizeSpec | None = None, placement: Placement | None = None,
+                 progress: bool = False) -> dict:
+    """Converts an HF state dict (torch layout; a dict of numpy arrays or a lazy `stream.Checkpoint`) into
+    the canonical parameter tree, one tensor at a time (`stream.load_params`: `dtype` is the stored dtype
+    of float weights, `quantize` the linears made 4-bit as they arrive, `placement` where leaves go)."""
     expected = family_of(config.model_type).hf_names(config)
     names = set(state)
     if config.tie_word_embeddings:
@@ -42,13 +45,15 @@ def hf_to_params(state: Mapping[str, np.ndarray], config: LlamaConfig, dtype: An
             f"{bullet_list(lines[:40])}" + (f"\n  ... and {len(lines) - 40} more" if len(lines) > 40 else "")
             + "\nCheck that config.json and the weights belong to the same model."
         )
-    flat: dict[tuple[str, ...], Any] = {}
-    for name in sorted(expected):
-        array = np.asarray(state[name])
-        path, leaf = hf_name_to_path(name, array.ndim)
-        value = array.T if leaf == "kernel" else array
-        flat[path + (leaf,)] = jnp.asarray(value, dtype=dtype)
-    return unflatten_params(flat)
+    layout = {name: hf_name_to_path(name, tensor_ndim(state, name)) for name in expected}
+    return load_params(state, layout, param_dtype=dtype, quantize=quantize, placement=placement,
+                       progress=progress)
+
+
+def tensor_ndim(state: Mapping, name: str) -> int:
+    """The rank of tensor `name` of `state` (from a lazy checkpoint's header, without reading it)."""
+    info = getattr(state, "info", None)
+    return len(info[name].shape) if info is not None else np.ndim(state[name])
 
 
 def params_to_hf(params: Mapping, dtype: Any = np.float32) -> dict[str, np.ndarray]:
@@ -90,8 +95,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         ) from e
 
 
-def read_hf_weights(folder: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """Reads model.safetensors, a sharded safetensors index, or (opt-in) pytorch_model.bin."""
+def read_hf_weights(folder: str | os.PathLike, *, allow_pickle: bool = False) -> Mapping[str, np.ndarray]:
+    """The tensors of model.safetensors or a sharded safetensors index, as a lazy `stream.Checkpoint` (headers
+    read now, each tensor when it is looked up), or (opt-in) of pytorch_model.bin, read whole."""
     folder = Path(folder)
     if (folder / WEIGHTS_INDEX_NAME).exists():
         index = json.loads((folder / WEIGHTS_INDEX_NAME).read_text())
@@ -100,15 +106,12 @@ def read_hf_weights(folder: str | os.PathLike, *, allow_pickle: bool = False) ->
         if missing:
             raise CheckpointError(f"{folder}/{WEIGHTS_INDEX_NAME} names shards that are missing:\n"
                                   f"{bullet_list(missing)}\nDownload the complete checkpoint.")
-        state: dict[str, np.ndarray] = {}
-        for shard in shards:
-            state.update(read_safetensors(folder / shard))
-        return state
+        return Checkpoint([folder / s for s in shards])
     if (folder / WEIGHTS_NAME).exists():
-        return read_safetensors(folder / WEIGHTS_NAME)
+        return Checkpoint([folder / WEIGHTS_NAME])
     singles = sorted(p.name for p in folder.glob("*.safetensors"))
     if len(singles) == 1:
-        return read_safetensors(folder / singles[0])
+        return Checkpoint([folder / singles[0]])
     if (folder / PICKLE_NAMES[0]).exists():
         if not allow_pickle:
             raise CheckpointError(

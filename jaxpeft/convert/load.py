@@ -13,17 +13,23 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+import numpy as np
 from absl import logging
 
 from jaxpeft.convert import default_model
-from jaxpeft.convert.bnb import Bnb4bitConfig, is_bnb_folder, load_bnb_folder, quantization_summary
-from jaxpeft.convert.hf import hf_to_params, load_tokenizer_from, read_hf_weights
+from jaxpeft.convert.bnb import (Bnb4bitConfig, is_bnb_folder, load_bnb_folder, quantization_summary,
+                                 split_quantization_config)
+from jaxpeft.convert.hf import hf_name_to_path, hf_to_params, load_tokenizer_from, read_hf_weights
+from jaxpeft.convert.stream import Checkpoint, Placement, QuantizeSpec
+from jaxpeft.core import dtypes
+from jaxpeft.core.dtypes import config_dtype
 from jaxpeft.core.errors import CheckpointError
+from jaxpeft.core.targets import match_targets
+from jaxpeft.core.tree import unflatten_params
 from jaxpeft.models.config import LlamaConfig
-from jaxpeft.models.families import build_model, config_from_hf
-from jaxpeft.quant import quantize_params
+from jaxpeft.models.families import build_model, config_from_hf, family_of
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -81,38 +87,102 @@ def from_pretrained(
     remat: bool = False,
     load_tokenizer: bool = True,
     allow_pickle: bool = False,
+    quantize: Bnb4bitConfig | None = None,
+    placement: Placement | None = None,
+    progress: bool = False,
 ):
     """Loads a model of any family in `models.families`: returns (model, params, tokenizer).
 
-    `dtype` is the compute dtype (default float32), `param_dtype` the stored dtype of the weights
-    (default float32). A bitsandbytes 4-bit folder loads with its NF4/FP4 codes as `qkernel` leaves. The tokenizer is None when `load_tokenizer` is False.
+    `param_dtype` is the stored dtype of the weights, `dtype` the compute dtype; both default to "auto",
+    as transformers' `dtype="auto"`: the checkpoint's dtype (config.json's `dtype`/`torch_dtype`, else its
+    tensors'), so a bf16 checkpoint stays bf16 and an fp32 folder fp32; `dtype` "auto" follows the
+    resolved `param_dtype`. The weights are read one tensor at a time (`convert.stream`); with `quantize`
+    every targeted linear is quantized to 4 bits as it is read, so the full-precision model never exists;
+    `placement` puts each weight on its final device(s) as it is read (`train.sharding.MeshPlacement`).
+    A bitsandbytes 4-bit folder loads with its NF4/FP4 codes as `qkernel` leaves (`quantize` is then
+    ignored: the checkpoint's codes are used). The tokenizer is None when `load_tokenizer` is False.
     """
     import jax.numpy as jnp
 
-    dtype = dtype or jnp.float32
-    param_dtype = param_dtype or jnp.float32
     folder = resolve_model_dir(name)
-    if "quantization_config" in json.loads((folder / "config.json").read_text()):
+    if is_bnb_folder(folder):
         # A bitsandbytes 4-bit checkpoint: its codes load as they are (other quantizers are refused there).
         return load_bnb_folder(folder, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                               load_tokenizer=load_tokenizer)
-    config = load_config(folder)
-    logging.info("loading %s weights from %s", config.model_type, folder)
-    params = hf_to_params(read_hf_weights(folder, allow_pickle=allow_pickle), config, param_dtype)
-    model = build_model(config, dtype=dtype, param_dtype=param_dtype, remat=remat)
+                               load_tokenizer=load_tokenizer, placement=placement, progress=progress)
+    hf = read_config_json(folder)
+    if "quantization_config" in hf:
+        split_quantization_config(hf)  # raises the clear error for a quantizer we do not read
+    config = config_from_hf(hf)
+    state = read_hf_weights(folder, allow_pickle=allow_pickle)
+    stored = config_dtype(hf) or (state.float_dtype() if isinstance(state, Checkpoint) else None) or "float32"
+    param_name = dtypes.resolve(param_dtype, stored)
+    compute_name = dtypes.resolve(dtype, param_name)
+    logging.info("loading %s weights from %s (stored %s; held as %s, computing in %s)", config.model_type, folder,
+                 stored, param_name, compute_name)
+    spec = None if quantize is None else quantize_spec(config, quantize)
+    params = hf_to_params(state, config, jnp.dtype(param_name), quantize=spec, placement=placement,
+                          progress=progress)
+    model = build_model(config, dtype=jnp.dtype(compute_name), param_dtype=jnp.dtype(param_name), remat=remat)
     tokenizer = load_tokenizer_from(folder) if load_tokenizer else None
     return model, params, tokenizer
 
 
+def read_config_json(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path} ({e}); point at an HF model folder with a valid config.json.") from e
+
+
+def quantize_spec(config: LlamaConfig, quantize: Bnb4bitConfig) -> QuantizeSpec:
+    """The modules `quantize.targets` selects in a model of `config` (from the family's tensor names, no weights)."""
+    import jax
+
+    names = family_of(config.model_type).hf_names(config)
+    abstract = {}
+    for name in names:
+        if name.endswith(".weight") and not name.startswith("model.embed_tokens") and "norm" not in name:
+            path, leaf = hf_name_to_path(name, 2)
+            abstract[path + (leaf,)] = jax.ShapeDtypeStruct((1, 1), np.float32)
+    modules = match_targets(unflatten_params(abstract), quantize.targets)
+    return QuantizeSpec(frozenset(modules), quant_type=quantize.quant_type, blocksize=quantize.blocksize,
+                        double_quant=quantize.double_quant)
+
+
+class _TorchState(Mapping):
+    """A torch module's state dict as numpy, one tensor converted when looked up (bf16 kept bf16)."""
+
+    def __init__(self, state: Mapping) -> None:
+        self._state = state
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        import torch
+
+        t = self._state[name].detach().cpu()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(dtypes.numpy_dtype("bfloat16"))
+        return t.numpy()
+
+    def __iter__(self):
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
 def from_transformers(hf_model: Any, *, dtype: Any = None, param_dtype: Any = None):
-    """Converts an in-memory `transformers` causal LM: returns (model, params)."""
+    """Converts an in-memory `transformers` causal LM, one tensor at a time: returns (model, params).
+
+    `param_dtype` and `dtype` default to "auto": the torch model's dtype."""
     import jax.numpy as jnp
 
     config = config_from_hf(hf_model.config.to_dict())
-    state = {k: v.detach().float().cpu().numpy() for k, v in hf_model.state_dict().items()}
-    param_dtype = param_dtype or jnp.float32
-    params = hf_to_params(state, config, param_dtype)
-    return build_model(config, dtype=dtype or jnp.float32, param_dtype=param_dtype), params
+    stored = dtypes.dtype_name(str(hf_model.dtype))
+    param_name = dtypes.resolve(param_dtype, stored)
+    params = hf_to_params(_TorchState(hf_model.state_dict()), config, jnp.dtype(param_name))
+    return build_model(config, dtype=jnp.dtype(dtypes.resolve(dtype, param_name)),
+                       param_dtype=jnp.dtype(param_name)), params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,18 +196,14 @@ class QuantizedBaseLoader:
     def settings(self) -> dict[str, Any]:
         return {"quantization": json.loads(json.dumps(dataclasses.asdict(self.config), default=list))}
 
-    def __call__(self, name: str | None, *, dtype: Any, remat: bool = False, load_tokenizer: bool = True):
+    def __call__(self, name: str | None, *, dtype: Any = None, param_dtype: Any = None, remat: bool = False,
+                 load_tokenizer: bool = True, placement: Placement | None = None, progress: bool = False):
         folder = resolve_model_dir(name)
-        if is_bnb_folder(folder):
-            model, params, tokenizer = load_bnb_folder(folder, dtype=dtype, remat=remat, load_tokenizer=load_tokenizer)
-            source = "bitsandbytes checkpoint (its codes used as they are)"
-        else:
-            model, params, tokenizer = from_pretrained(str(folder), dtype=dtype, remat=remat,
-                                                       load_tokenizer=load_tokenizer)
-            c = self.config
-            params = quantize_params(params, targets=c.targets, quant_type=c.quant_type, blocksize=c.blocksize,
-                                     double_quant=c.double_quant)
-            source = "quantized on load"
+        model, params, tokenizer = from_pretrained(str(folder), dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                                   load_tokenizer=load_tokenizer, quantize=self.config,
+                                                   placement=placement, progress=progress)
+        source = ("bitsandbytes checkpoint (its codes used as they are)" if is_bnb_folder(folder)
+                  else "quantized on load")
         summary = {"source": source, **quantization_summary(params)}
         wanted = {"quant_type": [self.config.quant_type], "blocksize": [self.config.blocksize],
                   "double_quant": [self.config.double_quant]}

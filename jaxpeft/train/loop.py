@@ -43,7 +43,7 @@ class Trainer:
 
     def __init__(self, model: Any, params: Mapping, labels: Mapping, *, optim_cfg: optim.OptimConfig,
                  train_cfg: TrainConfig, max_targets: int, train_model: Any | None = None,
-                 parallel: ParallelConfig | None = None) -> None:
+                 parallel: ParallelConfig | None = None, mesh: Any = None) -> None:
         """`parallel`: a `sharding.ParallelConfig` (a mesh, or pmap: every device on data); None runs on the
         default device (a mesh of one)."""
         self.model, self.cfg = model, train_cfg
@@ -53,7 +53,8 @@ class Trainer:
         step_fn = step_lib.train_step_fn(model, self.tx, max_targets=max_targets, train_model=train_model)
         self._runner = make_runner(parallel, model_config=getattr(model, "config", None),
                                    micro_rows=train_cfg.batch_size // train_cfg.grad_accum, step_fn=step_fn,
-                                   tx=self.tx, trainable=trainable, frozen=frozen, seed=train_cfg.seed)
+                                   tx=self.tx, trainable=trainable, frozen=frozen, seed=train_cfg.seed,
+                                   mesh=mesh)
         self.frozen, self._state = self._runner.frozen, self._runner.initial_state
         self.max_targets = max_targets
 

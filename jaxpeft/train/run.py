@@ -15,6 +15,9 @@ from absl import logging
 from jaxpeft.convert.default_model import DEFAULT_MODEL
 from jaxpeft.convert.hf import save_hf_folder
 from jaxpeft.convert.load import from_pretrained
+from jaxpeft.core.dtypes import tree_dtype_name
+from jaxpeft.core.partition import count
+from jaxpeft.core.tree import flatten_params
 from jaxpeft.methods.base import Method
 from jaxpeft.quant import dequantize_params
 from jaxpeft.train import optim
@@ -23,8 +26,8 @@ from jaxpeft.train.loop import TrainConfig, Trainer, micro_batch_targets
 from jaxpeft.train.run_config import RunConfig
 from jaxpeft.train.run_data import RunData, prepare_data
 from jaxpeft.train.run_folder import RunFolder, check_save_merged, run_settings
-from jaxpeft.train.runners import release_freed_memory
-from jaxpeft.train.sharding import resolve_parallel
+from jaxpeft.train.runners import release_freed_memory, run_mesh
+from jaxpeft.train.sharding import MeshPlacement, resolve_parallel
 
 __all__ = ["RunConfig", "run_finetune"]
 
@@ -46,7 +49,9 @@ def run_finetune(
     """
     check_save_merged(cfg, method)
     folder = RunFolder(cfg, run_settings(cfg, method, method_config, base_loader))
-    model, params, tokenizer, base_info = _load_base(cfg, base_loader)
+    parallel = resolve_parallel(cfg.mesh, cfg.parallel)
+    mesh = run_mesh(parallel)
+    model, params, tokenizer, base_info = _load_base(cfg, base_loader, mesh)
     data = prepare_data(cfg, tokenizer)
     method_config = method.prepare(method_config, model_config=model.config, tokenizer=tokenizer)
     params = method.init(jax.random.PRNGKey(cfg.seed), params, method_config)
@@ -54,7 +59,7 @@ def run_finetune(
     logging.info("%s: %s trainable parameters (%.4f %% of the %s base parameters)", method.name,
                  f"{counts['trainable']:,}", counts["trainable_percent"], f"{counts['base']:,}")
     folder.write_config(counts, data.seq_len, base_info)
-    trainer = _trainer(cfg, model, params, method, method_config, data)
+    trainer = _trainer(cfg, model, params, method, method_config, data, parallel, mesh)
     evaluate = Evaluator(model, tokenizer, data)
     folder.open()
     before = folder.resume(trainer, data.batcher)
@@ -88,19 +93,34 @@ def run_finetune(
     return results
 
 
-def _load_base(cfg: RunConfig, base_loader: Callable | None) -> tuple[Any, dict, Any, dict]:
-    """(model, params, tokenizer, info for config.json) from `from_pretrained` or the run's base loader."""
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
-    if base_loader is None:
-        model, params, tokenizer = from_pretrained(cfg.model, dtype=dtype, remat=cfg.remat)
-        out = model, params, tokenizer, {}
-    else:
-        out = base_loader(cfg.model, dtype=dtype, remat=cfg.remat)
-    release_freed_memory()  # e.g. the fp32 weights a quantizing loader dropped
-    return out
+def _load_base(cfg: RunConfig, base_loader: Callable | None, mesh: Any) -> tuple[Any, dict, Any, dict]:
+    """(model, params, tokenizer, info for config.json) from `from_pretrained` or the run's base loader,
+    each weight read once and put straight onto its place on `mesh`."""
+    load = from_pretrained if base_loader is None else base_loader
+    out = load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
+               placement=MeshPlacement(mesh), progress=cfg.progress)
+    model, params, tokenizer, info = out if base_loader is not None else (*out, {})
+    release_freed_memory()  # e.g. the host copies the loader dropped
+    info = {**info, "base": base_summary(params, model)}
+    b = info["base"]
+    logging.info("base: %s weights held as %s, computing in %s: %.2f GB resident (dense %.2f GB, 4-bit %.2f GB)",
+                 f"{b['parameters']:,}", b["param_dtype"], b["compute_dtype"], b["resident_bytes"] / 1e9,
+                 b["dense_bytes"] / 1e9, b["quantized_bytes"] / 1e9)
+    return model, params, tokenizer, info
 
 
-def _trainer(cfg: RunConfig, model: Any, params: dict, method: Method, method_config: Any, data: RunData) -> Trainer:
+def base_summary(params: Mapping, model: Any) -> dict[str, Any]:
+    """What the loaded base holds: its parameter count, dtypes and resident bytes (dense and 4-bit parts)."""
+    flat = flatten_params(params)
+    quantized = sum(v.nbytes for p, v in flat.items() if p[-1] == "qkernel")
+    dense = sum(int(v.nbytes) for p, v in flat.items() if p[-1] != "qkernel")
+    return {"parameters": count(params), "param_dtype": tree_dtype_name(params),
+            "compute_dtype": jnp.dtype(model.dtype).name, "resident_bytes": dense + quantized,
+            "dense_bytes": dense, "quantized_bytes": quantized}
+
+
+def _trainer(cfg: RunConfig, model: Any, params: dict, method: Method, method_config: Any, data: RunData,
+             parallel: Any, mesh: Any) -> Trainer:
     """The Trainer of the run: its optimizer, step budget, target bound and devices."""
     rows = cfg.batch_size // cfg.grad_accum
     optim_cfg = optim.OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
@@ -110,4 +130,4 @@ def _trainer(cfg: RunConfig, model: Any, params: dict, method: Method, method_co
     return Trainer(model, params, method.labels(params, method_config), optim_cfg=optim_cfg, train_cfg=train_cfg,
                    max_targets=micro_batch_targets(data.encoded, rows, data.seq_len, cfg.pack),
                    train_model=model.clone(deterministic=False, **method.model_kwargs(method_config)),
-                   parallel=resolve_parallel(cfg.mesh, cfg.parallel))
+                   parallel=parallel, mesh=mesh)

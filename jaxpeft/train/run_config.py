@@ -23,7 +23,8 @@ class RunConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    dtype: str = "float32"
+    dtype: str = "auto"  # compute dtype; auto: the base's float dtype (core/dtypes.py)
+    param_dtype: str = "auto"  # stored dtype of the base weights; auto: the checkpoint's
     remat: bool = False
     seed: int = 0
     eval_every: int = 0

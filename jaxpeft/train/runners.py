@@ -94,13 +94,24 @@ class MeshRunner:
         return place(state, self.state_sh)
 
 
-def make_runner(cfg: ParallelConfig | None, *, model_config: Any, micro_rows: int, step_fn: Callable, tx: Any,
-                trainable: Mapping, frozen: Mapping, seed: int) -> MeshRunner:
-    """The runner for `cfg`, after checking that the mesh fits the model and the batch.
-
-    `cfg` None: a mesh of one, this process's first device (the default device)."""
+def run_mesh(cfg: ParallelConfig | None) -> Mesh:
+    """The mesh a run of `cfg` uses: None is a mesh of one, this process's first device (the default
+    device); pmap is every device on data; otherwise `cfg.mesh`. Made before the base is loaded, so the
+    loader can put each weight straight onto its shards."""
     if cfg is None:
-        return MeshRunner(make_mesh(None, devices=jax.local_devices()[:1]), step_fn, tx, trainable, frozen, seed)
+        return make_mesh(None, devices=jax.local_devices()[:1])
+    if cfg.parallel == "pmap":
+        return make_mesh(f"data:{jax.device_count()}")
+    return make_mesh(cfg.mesh)
+
+
+def make_runner(cfg: ParallelConfig | None, *, model_config: Any, micro_rows: int, step_fn: Callable, tx: Any,
+                trainable: Mapping, frozen: Mapping, seed: int, mesh: Mesh | None = None) -> MeshRunner:
+    """The runner for `cfg` on `mesh` (default `run_mesh(cfg)`), after checking that the mesh fits the model
+    and the batch."""
+    mesh = run_mesh(cfg) if mesh is None else mesh
+    if cfg is None:
+        return MeshRunner(mesh, step_fn, tx, trainable, frozen, seed)
     if cfg.parallel == "pmap":
         n = jax.device_count()
         if micro_rows % n:
@@ -108,9 +119,7 @@ def make_runner(cfg: ParallelConfig | None, *, model_config: Any, micro_rows: in
                               f"use a batch_size / grad_accum that is a multiple of {n}.")
         logging.info("pmap data parallelism over %d devices (%d local): the mesh data:%d", n,
                      jax.local_device_count(), n)
-        mesh = make_mesh(f"data:{n}")
     else:
-        mesh = make_mesh(cfg.mesh)
         check_model_fits(mesh_sizes(mesh), model_config, micro_rows=micro_rows)
         logging.info("mesh %s over %d devices (%d processes)", mesh_sizes(mesh), mesh.size, jax.process_count())
     return MeshRunner(mesh, step_fn, tx, trainable, frozen, seed)

@@ -49,6 +49,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxpeft.convert.stream import Placement
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.core.tree import Path, flatten_params, unflatten_params
 from jaxpeft.models.families import kernel_axes
@@ -261,6 +262,8 @@ def place(tree: Any, shardings: Any) -> Any:
     Works across processes: every process passes the same values."""
 
     def put(sharding, x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x  # already in place (e.g. loaded onto its shards): no copy
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return jax.jit(lambda v: v, out_shardings=sharding)(x)
         if jax.process_count() == 1:
@@ -269,6 +272,27 @@ def place(tree: Any, shardings: Any) -> Any:
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
     return jax.tree.map(put, shardings, tree)
+
+
+class MeshPlacement(Placement):
+    """Where the loader (`convert.stream.load_params`) puts each weight on `mesh`: its final sharding by the
+    rules above, so a sharded run never holds a whole base weight on one device, and a process reads only
+    the slices its own devices hold."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+
+    def _shardings(self, path: Path, leaf: Any) -> Any:
+        one = param_shardings(unflatten_params({path: leaf}), self.mesh, log=False)
+        for key in path:
+            one = one[key]
+        return one
+
+    def sharding(self, path: Path, abstract: Any) -> Any:
+        return self._shardings(path, abstract)
+
+    def put(self, path: Path, leaf: Any) -> Any:
+        return place(leaf, self._shardings(path, leaf))
 
 
 def init_params(init_fn: Callable[[jax.Array], Mapping], key: jax.Array, mesh: Mesh) -> dict:
