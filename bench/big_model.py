@@ -32,6 +32,7 @@ is printed beside the measured peak minus the baseline. Results go to stdout and
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -48,10 +49,11 @@ RUN_FLAGS = ["--steps=3", "--batch_size=1", "--seq_len=256", "--eval_examples=0"
              "--noprogress"]
 
 
-def llama_config(layers: int, vocab: int, tokenizer_config: dict) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-            "intermediate_size": 11008, "num_hidden_layers": layers, "num_attention_heads": 32,
-            "num_key_value_heads": 32, "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 4096,
+def llama_config(layers: int, vocab: int, tokenizer_config: dict, hidden: int = 4096, intermediate: int = 11008,
+                 heads: int = 32) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": heads, "head_dim": hidden // heads, "hidden_act": "silu", "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None, "attention_bias": False,
             "mlp_bias": False, "tie_word_embeddings": False, "vocab_size": vocab, "torch_dtype": "bfloat16",
             "bos_token_id": tokenizer_config.get("bos_token_id", 1),
@@ -71,16 +73,17 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out + [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
 
 
-def generate(folder: Path, layers: int, shard_gb: float, seed: int) -> dict:
-    """Writes the random bf16 checkpoint shard by shard (one shard in memory at a time)."""
+def generate(folder: Path, layers: int, shard_gb: float, seed: int, tokenizer: bool = True, **widths: int) -> dict:
+    """Writes the random bf16 checkpoint shard by shard (one shard in memory at a time); `widths` override
+    Llama-2-7B's hidden / intermediate / heads (`llama_config`)."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
     from jaxpeft.convert.default_model import cached_hf_folder
 
-    src = Path(cached_hf_folder())
-    tok_cfg = json.loads((src / "config.json").read_text())
-    cfg = llama_config(layers, int(tok_cfg["vocab_size"]), tok_cfg)
+    src = Path(cached_hf_folder()) if tokenizer else None
+    tok_cfg = json.loads((src / "config.json").read_text()) if src else {"vocab_size": 49152}
+    cfg = llama_config(layers, int(tok_cfg["vocab_size"]), tok_cfg, **widths)
     shapes = tensor_shapes(cfg)
     limit = int(shard_gb * 1e9)
     shards, current, size = [], [], 0
@@ -114,7 +117,7 @@ def generate(folder: Path, layers: int, shard_gb: float, seed: int) -> dict:
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        if (src / name).exists():
+        if src and (src / name).exists():
             shutil.copy(src / name, tmp / name)
     if folder.exists():
         shutil.rmtree(folder)
@@ -158,7 +161,7 @@ def plan_figure(folder: Path, method: str, targets: str = "q_proj,k_proj,v_proj,
 
 
 def child_baseline() -> None:
-    import experiments.lora  # noqa: F401  (what every run imports before it loads anything)
+    importlib.import_module("experiments.lora")  # what every run imports before it loads anything
     import jax
 
     jax.numpy.zeros(1).block_until_ready()

@@ -30,9 +30,11 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("rank", 16, "LoRA rank (lora, qlora).", flag_values=fv)
     flags.DEFINE_string("targets", "q_proj,k_proj,v_proj,o_proj",
                         "LoRA targets: module-name suffixes, 'all-linear', or re:<regex>.", flag_values=fv)
-    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Compute dtype.", flag_values=fv)
-    flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float16", "float32"],
-                      "Stored dtype of the base weights (full fine-tuning trains them).", flag_values=fv)
+    flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float16", "float32"],
+                      "Compute dtype; auto: --param_dtype's.", flag_values=fv)
+    flags.DEFINE_enum("param_dtype", "auto", ["auto", "bfloat16", "float16", "float32"],
+                      "Stored dtype of the base weights (full fine-tuning trains them); auto: bfloat16 for a "
+                      "preset, a folder's config.json dtype (as a training run loads it).", flag_values=fv)
     flags.DEFINE_integer("blocksize", 64, "NF4 block size (qlora).", flag_values=fv)
     flags.DEFINE_bool("double_quant", True, "Quantize the NF4 block scales too (qlora).", flag_values=fv)
     flags.DEFINE_bool("crosscheck", False, "Also compile the real train step and compare with XLA.", flag_values=fv)
@@ -41,17 +43,37 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "Cross-check with XLA's memory-minimising CPU scheduler.", flag_values=fv)
 
 
-def _plan_config(fv: flags.FlagValues, method: str, remat: bool):
+def _stored_dtype(model: str | None) -> str:
+    """What --param_dtype=auto means for --model: a folder's config.json dtype, bfloat16 for a preset."""
+    import json
+    from pathlib import Path
+
+    from jaxpeft.core.dtypes import config_dtype
+
+    if model:
+        path = Path(model).expanduser()
+        path = path / "config.json" if path.is_dir() else path
+        if path.is_file():
+            try:
+                return config_dtype(json.loads(path.read_text())) or "float32"
+            except (ValueError, UnicodeDecodeError):
+                pass  # resolve_model reports the bad file
+    return "bfloat16"
+
+
+def _plan_config(fv: flags.FlagValues, method: str, remat: bool, model: str | None = None):
     from absl import app
 
+    from jaxpeft.core.dtypes import resolve
     from jaxpeft.plan import PlanConfig
 
     try:
         targets = parse_targets(fv.targets)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
+    param_dtype = resolve(fv.param_dtype, _stored_dtype(model))
     return PlanConfig(method=method, batch_size=fv.batch_size, seq_len=fv.seq_len, remat=remat, rank=fv.rank,
-                      targets=targets, dtype=fv.dtype, param_dtype=fv.param_dtype,
+                      targets=targets, dtype=resolve(fv.dtype, param_dtype), param_dtype=param_dtype,
                       quant_blocksize=fv.blocksize, double_quant=fv.double_quant)
 
 
@@ -71,7 +93,7 @@ def main(fv: flags.FlagValues, argv: Sequence[str]) -> None:
 
     if fv.model and fv.method:
         label, config = resolve_model(fv.model)
-        plan_cfg = _plan_config(fv, fv.method, fv.remat)
+        plan_cfg = _plan_config(fv, fv.method, fv.remat, fv.model)
         plan = plan_memory(config, plan_cfg)  # validates before the (slow) cross-check
         if fv.crosscheck:
             from jaxpeft.plan.xla import crosscheck
@@ -84,9 +106,9 @@ def main(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     models = [resolve_model(fv.model)] if fv.model else [(name, cfg) for name, cfg in PRESETS.items()]
     methods = [fv.method] if fv.method else list(METHODS)
     remats = [fv.remat] if fv["remat"].present else [False, True]
-    rows = {label: {m: {r: plan_memory(config, _plan_config(fv, m, r)) for r in remats} for m in methods}
+    rows = {label: {m: {r: plan_memory(config, _plan_config(fv, m, r, fv.model)) for r in remats} for m in methods}
             for label, config in models}
-    print(format_table(rows, _plan_config(fv, methods[0], remats[0])))
+    print(format_table(rows, _plan_config(fv, methods[0], remats[0], fv.model)))
 
 
 def run(argv: Sequence[str]) -> int:
