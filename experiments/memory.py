@@ -55,9 +55,17 @@ def _stored_dtype(model: str | None) -> str:
         path = path / "config.json" if path.is_dir() else path
         if path.is_file():
             try:
-                return config_dtype(json.loads(path.read_text())) or "float32"
+                declared = config_dtype(json.loads(path.read_text()))
             except (ValueError, UnicodeDecodeError):
-                pass  # resolve_model reports the bad file
+                return "bfloat16"  # resolve_model reports the bad file
+            if declared:
+                return declared
+            try:  # no dtype declared: the tensors' (headers only), as from_pretrained resolves it
+                from jaxpeft.convert.hf import read_hf_weights
+
+                return read_hf_weights(path.parent).float_dtype() or "float32"
+            except Exception:
+                return "float32"  # a bare config.json: transformers' default
     return "bfloat16"
 
 

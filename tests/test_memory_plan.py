@@ -183,8 +183,13 @@ def test_a_config_json_path_plans_like_the_config_it_holds(tmp_path):
     tiny_hf_config(layers=2).to_json_file(str(tmp_path / "config.json"))
     label, config = resolve_model(str(tmp_path))
     assert (config.hidden_size, config.num_key_value_heads, config.head_dim) == (40, 1, 8) and label == str(tmp_path)
+    # --param_dtype/--dtype auto: the folder's config.json dtype; none declared here: float32, as transformers.
+    assert not {k for k in json.loads((tmp_path / "config.json").read_text()) if "dtype" in k}
     out = _cli(f"--model={tmp_path / 'config.json'}", "--method=lora", "--rank=4").stdout
-    expected = plan_memory(config, PlanConfig(method="lora", rank=4)).peak
+    expected = plan_memory(config, PlanConfig(method="lora", rank=4, dtype="float32", param_dtype="float32")).peak
+    assert float(out.rstrip().splitlines()[-1].split()[1]) == pytest.approx(expected / 1e9, abs=0.006)
+    out = _cli(f"--model={tmp_path}", "--method=lora", "--rank=4", "--param_dtype=bfloat16").stdout
+    expected = plan_memory(config, PlanConfig(method="lora", rank=4)).peak  # the compute dtype follows: bf16
     assert float(out.rstrip().splitlines()[-1].split()[1]) == pytest.approx(expected / 1e9, abs=0.006)
 
 

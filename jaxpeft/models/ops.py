@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.kernels.dense import dense_matmul, needs_tied_matmul
 from jaxpeft.models import hooks
 
 
@@ -32,7 +33,10 @@ def dense_kernel(leaves: Mapping[str, Any], dtype: Any) -> jax.Array:
 def _base_matmul(x: jax.Array, leaves: Mapping[str, Any], dtype: Any) -> jax.Array:
     if "kernel" not in leaves and "qkernel" in leaves:
         return leaves["qkernel"].matmul(x, dtype)  # the format's own matmul (NF4: without a dense weight)
-    return x @ dense_kernel(leaves, dtype)
+    kernel = jnp.asarray(leaves["kernel"])
+    if needs_tied_matmul(kernel.dtype, dtype):
+        return dense_matmul(x, kernel, jnp.dtype(dtype))  # the converted weight lives only around its dot
+    return x @ kernel
 
 
 def linear(
