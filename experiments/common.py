@@ -190,12 +190,14 @@ def method_main(method_name: str, config_from_flags, *, base_loader_from_flags=N
         del argv
         log_to_stderr()
         from jaxpeft.methods import get_method
+        from jaxpeft.plan.runs import plan_run
         from jaxpeft.train.run import run_finetune
 
         method_cfg = config_from_flags(fv)
         cfg = run_config_from_flags(fv, run_name or method_name)
         loader = base_loader_from_flags(fv) if base_loader_from_flags else None
-        results = run_finetune(cfg, get_method(method_name), method_cfg, base_loader=loader)
+        results = run_finetune(cfg, get_method(method_name), method_cfg, base_loader=loader,
+                               callbacks={"plan": plan_run})
         print_results(results, cfg.out)
 
     return main

@@ -58,6 +58,7 @@ def run_finetune(
     counts = method.param_counts(params, method_config)
     logging.info("%s: %s trainable parameters (%.4f %% of the %s base parameters)", method.name,
                  f"{counts['trainable']:,}", counts["trainable_percent"], f"{counts['base']:,}")
+    base_info = {**base_info, "plan": _plan(cfg, method, method_config, model, params, data, callbacks)}
     folder.write_config(counts, data.seq_len, base_info)
     trainer = _trainer(cfg, model, params, method, method_config, data, parallel, mesh)
     evaluate = Evaluator(model, tokenizer, data)
@@ -117,6 +118,24 @@ def base_summary(params: Mapping, model: Any) -> dict[str, Any]:
     return {"parameters": count(params), "param_dtype": tree_dtype_name(params),
             "compute_dtype": jnp.dtype(model.dtype).name, "resident_bytes": dense + quantized,
             "dense_bytes": dense, "quantized_bytes": quantized}
+
+
+def _plan(cfg: RunConfig, method: Method, method_config: Any, model: Any, params: Mapping, data: RunData,
+          callbacks: Mapping[str, Callable] | None) -> dict | None:
+    """The planner's figure for this run (callbacks["plan"], e.g. `jaxpeft.plan.runs.plan_run`), logged."""
+    if not callbacks or "plan" not in callbacks:
+        return None
+    rows = cfg.batch_size // cfg.grad_accum
+    plan = callbacks["plan"](cfg=cfg, method=method, method_config=method_config, model=model, params=params,
+                             seq_len=data.seq_len, max_targets=micro_batch_targets(data.encoded, rows, data.seq_len,
+                                                                                    cfg.pack))
+    if plan is None:
+        logging.info("memory plan: the planner does not model this run's method (%s)", method.name)
+    else:
+        logging.info("memory plan (%s, %d x %d tokens): the step needs %.2f GB (static %.2f GB); the process adds "
+                     "its baseline", plan["method"], plan["batch_size"], plan["seq_len"], plan["peak_bytes"] / 1e9,
+                     plan["static_bytes"] / 1e9)
+    return plan
 
 
 def _trainer(cfg: RunConfig, model: Any, params: dict, method: Method, method_config: Any, data: RunData,
