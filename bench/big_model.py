@@ -18,6 +18,7 @@ the peak RSS of each child is read from `wait4` (what `/usr/bin/time -v` reports
     cat       `cat DIR/*.safetensors > /dev/null` (the disk / page cache read speed; run first)
     load      `from_pretrained(DIR)` alone (bf16 kept): GB/s beside cat's
     qlora     `experiments.qlora --steps=3 --batch_size=1 --seq_len=256 --eval_examples=0 --save_merged`
+              (on ../shared/data/code_alpaca_2k.json when present: every batch fills 256 tokens)
     parity    transformers (bf16) and jaxpeft each load qlora's merged/ in their own process and score a
               16-token prompt: max |logit diff| / max |logit| (target <= 2 %) and argmax agreement
     lora      `experiments.lora` with the same settings
@@ -47,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("gen", "baseline", "cat", "load", "qlora", "parity", "lora", "quantize", "bnb", "qlora_q")
 RUN_FLAGS = ["--steps=3", "--batch_size=1", "--seq_len=256", "--eval_examples=0", "--save_every=0",
              "--noprogress"]
+# Real instruction data with long answers (every batch fills the 256 tokens), when the checkout has it.
+SHARED_DATA = ROOT.parent / "shared" / "data" / "code_alpaca_2k.json"
 
 
 def llama_config(layers: int, vocab: int, tokenizer_config: dict, hidden: int = 4096, intermediate: int = 11008,
@@ -283,9 +286,13 @@ def main() -> None:
 
     def train(name: str, module: str, model: Path, extra: list[str], method: str) -> None:
         out = work / name
-        argv = [py, "-m", module, f"--model={model}", f"--out={out}", "--overwrite", *RUN_FLAGS, *extra]
+        data = [f"--dataset={SHARED_DATA}"] if SHARED_DATA.exists() else []
+        argv = [py, "-m", module, f"--model={model}", f"--out={out}", "--overwrite", *RUN_FLAGS, *data, *extra]
         r = run_child(argv, log=work / f"{name}.log")
-        plan = plan_figure(folder, method)
+        try:  # the run's own plan (its model, batch, effective sequence length, dtypes), from config.json
+            plan = json.loads((out / "config.json").read_text())["plan"]["peak_bytes"] / 1e9
+        except (OSError, KeyError, TypeError, ValueError):
+            plan = plan_figure(folder, method)
         r.update({"command": " ".join(argv[1:]), "plan_gb": round(plan, 3)})
         if baseline is not None:
             used = r["peak_rss_gb"] - baseline
