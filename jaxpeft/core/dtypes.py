@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from jaxpeft.core.errors import ConfigError
+from jaxpeft.core.tree import flatten_params
 
 AUTO = "auto"
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -76,8 +77,6 @@ def majority_float(names: Iterable[str]) -> str | None:
 def tree_dtype_name(params: Mapping) -> str:
     """The `"auto"` dtype of a parameter tree: its dense float weights' dtype, or (no dense float kernel, e.g.
     every linear quantized) the pre-quantization dtype of its quantized kernels; float32 when it has neither."""
-    from jaxpeft.core.tree import flatten_params
-
     dense, quantized = [], []
     for path, leaf in flatten_params(params).items():
         if hasattr(leaf, "dtype_name"):
