@@ -98,7 +98,8 @@ def define_run_flags(fv: flags.FlagValues, default_steps: int = 200, default_lr:
     flags.DEFINE_bool("overwrite", False, "Empty a non-empty --out first.", flag_values=fv)
     flags.DEFINE_bool("save_merged", False, "Also write merged/: the base with the adapter merged in (HF folder).",
                       flag_values=fv)
-    flags.DEFINE_enum("merged_dtype", "float32", ["float32", "bfloat16", "float16"], "dtype of merged/.",
+    flags.DEFINE_enum("merged_dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
+                      "dtype of merged/ (auto: the base's dtype; a 4-bit base's dtype before quantization).",
                       flag_values=fv)
     flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
     flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,fsdp:2,tensor:2 (default: every device on data; "

@@ -3,7 +3,7 @@
     python -m experiments.merge --adapters=DIR1,DIR2[,...] --weights=W1,W2[,...] --combination=ties
         [--semantics=exact|peft] [--density=0.5] [--svd_rank=R] [--svd_clamp=Q]
         [--majority_sign_method=total|frequency] [--seed=S] --out=DIR [--base=MODEL --save_merged]
-        [--merged_dtype=float32] [--overwrite] [--allow_base_mismatch]
+        [--merged_dtype=auto] [--overwrite] [--allow_base_mismatch]
 
 Reads PEFT LoRA folders (jaxpeft's or peft's `save_pretrained`), and writes DIR/adapter/ (a PEFT folder
 that `peft.PeftModel.from_pretrained` and jaxpeft load), DIR/merge_config.json (inputs, settings,
@@ -78,8 +78,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_bool("save_merged", False, "Also write merged/: the base with the new adapter merged in.",
                       flag_values=fv)
-    flags.DEFINE_enum("merged_dtype", "float32", ["float32", "bfloat16", "float16"], "dtype of merged/.",
-                      flag_values=fv)
+    flags.DEFINE_enum("merged_dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
+                      "dtype of merged/ (auto: the base's dtype).", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.", flag_values=fv)
     flags.DEFINE_bool("allow_base_mismatch", False,
                       "Merge even if the adapters name different base models (same weights, other "

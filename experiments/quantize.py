@@ -3,8 +3,9 @@
     python -m experiments.quantize --model=PATH --out=DIR [--quant_type=nf4 --blocksize=64 --double_quant]
 
 Every linear module but the output head is quantized (bit for bit as bitsandbytes does); embeddings
-and norms stay dense in --dtype. `AutoModelForCausalLM.from_pretrained(DIR)` loads the folder with
-bitsandbytes installed; `python -m experiments.qlora --model=DIR` fine-tunes from its codes.
+and norms stay dense in --dtype (default auto: the model's own dtype). The folder is written one module
+at a time, sharded with an index past 50 GB as transformers does. `AutoModelForCausalLM.from_pretrained(DIR)`
+loads it with bitsandbytes installed; `python -m experiments.qlora --model=DIR` fine-tunes from its codes.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("double_quant", True, "Quantize the block scales too (bitsandbytes' double quant).",
                       flag_values=fv)
     flags.DEFINE_integer("blocksize", 64, "Weights per quantization block (32, 64, ..., 4096).", flag_values=fv)
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
-                      "dtype of the dense tensors and of the 4-bit matmuls (bnb_4bit_compute_dtype).", flag_values=fv)
+    flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
+                      "dtype of the dense tensors and of the 4-bit matmuls (bnb_4bit_compute_dtype); auto: the "
+                      "model's own.", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.", flag_values=fv)
 
 

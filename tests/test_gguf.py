@@ -252,6 +252,33 @@ def test_read_tiny_untied_gguf(tmp_path) -> None:
     assert config["rms_norm_eps"] == 1e-6 and config["vocab_size"] == 40 and "pad_token_id" not in config
 
 
+def test_gguf_tensors_are_dequantized_only_as_they_are_written(tmp_path, monkeypatch) -> None:
+    from jaxpeft.convert import gguf as gguf_format
+    from jaxpeft.convert.hf import read_hf_weights
+    from jaxpeft.convert.shards import save_shards
+
+    path = str(tmp_path / "tiny.gguf")
+    expected = _write_tiny_gguf(path)
+    calls: list[str] = []
+    dequantize = gguf_format._dequantize
+    monkeypatch.setattr(gguf_format, "_dequantize", lambda g, t: calls.append(t.name) or dequantize(g, t))
+    config, tensors = gguf_format.open_gguf(path)
+    assert calls == [] and sorted(tensors.names()) == sorted(expected)  # nothing read yet
+    out = tmp_path / "hf"
+    out.mkdir()
+    files = save_shards(out, tensors, max_shard_size="10KB")
+    assert len(calls) == len(expected) and files[-1] == "model.safetensors.index.json" and len(files) > 3
+    (out / "config.json").write_text(json.dumps(config))
+    assert default_model._complete(str(out))  # the cache accepts a sharded folder ...
+    _, state = read_gguf(path)  # the eager reader: everything at once
+    got = read_hf_weights(out)
+    assert sorted(got) == sorted(state)
+    for name, value in state.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    os.remove(out / files[0])
+    assert not default_model._complete(str(out))  # ... only when every shard is there
+
+
 def test_read_gguf_rejects_unknown(tmp_path) -> None:
     from jaxpeft.core.errors import UnsupportedModelError
 

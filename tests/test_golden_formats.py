@@ -226,3 +226,26 @@ def test_qlora_adapter_and_dequantized_merge_bytes(base, tmp_path):
     _check("qlora_adapter", tmp_path / "adapter")
     save_hf_folder(tmp_path / "merged", dequantize_params(lora.merge(full), jnp.float32), CONFIG)
     _check("qlora_merged", tmp_path / "merged")
+
+
+def test_module_by_module_merged_saves_have_the_golden_bytes(base, tmp_path):
+    """`save_merged` (what --save_merged and experiments.merge write: merged, cast and written one module at a
+    time) gives the bytes the whole-tree merges above were pinned with."""
+    from jaxpeft.merge.unload import save_merged
+    from jaxpeft.methods import get_method
+    from jaxpeft.quant import quantize_params
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=("q_proj", "o_proj", "up_proj"))
+    lora, full = _lora_full(base, config)
+    save_merged(tmp_path / "merged", full, lora, config, CONFIG)  # dtype "auto": this fp32 base's float32
+    save_merged(tmp_path / "merged_bf16", full, lora, config, CONFIG, dtype="bfloat16")
+    config = LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=("k_proj",))
+    save_merged(tmp_path / "merged_dora", _lora_full(base, config)[1], lora, config, CONFIG)
+    ia3, ia3_config = get_method("ia3"), IA3Config()
+    adapter, frozen = ia3.split(ia3.init(jax.random.PRNGKey(3), base[1], ia3_config), ia3_config)
+    save_merged(tmp_path / "merged_ia3", ia3.combine(_dyadic(adapter, 7), frozen), ia3, ia3_config, CONFIG)
+    quantized = quantize_params(base[1], quant_type="nf4", blocksize=64, double_quant=False)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=("q_proj", "v_proj"))
+    save_merged(tmp_path / "qlora_merged", _lora_full((base[0], quantized), config)[1], lora, config, CONFIG)
+    for name in ("merged", "merged_bf16", "merged_dora", "merged_ia3", "qlora_merged"):
+        _check(name, tmp_path / name)

@@ -25,6 +25,7 @@ torch or bitsandbytes (safetensors is read with numpy).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -33,15 +34,16 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
-from jaxpeft.convert.hf import (numpy_dtype, tensor_ndim, hf_name_to_path, load_tokenizer_from, params_to_hf,
-                                read_hf_weights, write_hf_folder)
+from jaxpeft.convert.hf import (hf_name_to_path, hf_tensors, load_tokenizer_from, numpy_dtype, read_hf_weights,
+                                tensor_ndim, write_hf_folder)
+from jaxpeft.convert.shards import DEFAULT_MAX_SHARD_SIZE, TensorSpec, Tensors
 from jaxpeft.convert.stream import Placement, load_params
 from jaxpeft.core import dtypes
 from jaxpeft.core.dtypes import config_dtype
 from jaxpeft.core.errors import CheckpointError, ConfigError, UnsupportedModelError, bullet_list
 from jaxpeft.core.partition import count
 from jaxpeft.core.targets import Targets
-from jaxpeft.core.tree import dotted, flatten_params, unflatten_params
+from jaxpeft.core.tree import dotted, flatten_params, module_leaves, unflatten_params
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.families import build_model, config_from_hf, family_of
 from jaxpeft.quant import dynamic8, nf4
@@ -92,8 +94,14 @@ def quantization_config(quant_type: str, double_quant: bool, *, compute_dtype: s
 def bnb_state_dict(params: Mapping, dtype: str = "float32") -> dict[str, np.ndarray]:
     """The HF state dict of a tree whose linear modules hold `qkernel`s, in bitsandbytes' layout.
 
-    Dense leaves are written in `dtype`; adapters must be merged or split off first.
-    """
+    Dense leaves are written in `dtype`; adapters must be merged or split off first. Builds every tensor
+    at once; `save_bnb_folder` streams the same tensors (`bnb_tensors`)."""
+    return dict(bnb_tensors(params, dtype).items())
+
+
+def bnb_tensors(params: Mapping, dtype: str = "float32") -> Tensors:
+    """`bnb_state_dict` as lazy `Tensors`, in module order: each module's tensors (a 4-bit module's codes,
+    statistics and quant_state, or a dense module's cast weights) are made only when written."""
     flat = flatten_params(params)
     quantized = {p[:-1]: q for p, q in flat.items() if p[-1] == "qkernel"}
     if not quantized:
@@ -108,10 +116,38 @@ def bnb_state_dict(params: Mapping, dtype: str = "float32") -> dict[str, np.ndar
             + bullet_list(bad + ([f"mixed formats (quant_type, double_quant): {formats}"] if len(formats) > 1 else []))
             + "\nbitsandbytes stores (I, O) kernels quantized by quantize_kernel/quantize_params, one "
             "quant_type and double-quant setting per checkpoint.")
-    state = params_to_hf(unflatten_params({p: v for p, v in flat.items() if p[-1] != "qkernel"}), numpy_dtype(dtype))
-    for module, q in sorted(quantized.items()):
-        state.update(_quant_tensors(dotted(module), q))
-    return state
+    parts = []
+    for module, leaves in module_leaves(flat).items():
+        dense = {k: v for k, v in leaves.items() if k != "qkernel"}
+        if dense:
+            parts.append(hf_tensors({module + (k,): v for k, v in dense.items()}, numpy_dtype(dtype)))
+        if "qkernel" in leaves:
+            q, name = leaves["qkernel"], dotted(module)
+            specs = [TensorSpec(k, shape, dt) for k, (shape, dt) in _quant_specs(name, q).items()]
+            parts.append(Tensors([(specs, functools.partial(_quant_tensors, name, q))]))
+    return Tensors.concat(parts)
+
+
+def _quant_meta(q: Any) -> bytes:
+    """The quant_state JSON of a 4-bit kernel (bitsandbytes' `QuantState.as_dict(packed=True)`), UTF-8."""
+    meta: dict[str, Any] = {"quant_type": q.quant_type, "blocksize": q.blocksize, "dtype": q.dtype_name,
+                            "shape": list(q.storage_shape)}
+    if q.double_quant:
+        meta.update({"nested_blocksize": q.nested_blocksize, "nested_dtype": "float32",
+                     "nested_offset": float(np.float32(q.offset))})
+    return json.dumps(meta).encode("utf-8")
+
+
+def _quant_specs(name: str, q: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """(shape, dtype) of each tensor `_quant_tensors` makes, without making the large ones."""
+    out = {f"{name}.weight": ((int(np.prod(q.packed.shape)), 1), np.uint8),
+           f"{name}.weight.absmax": (tuple(q.absmax.shape), np.uint8 if q.double_quant else np.float32),
+           f"{name}.weight.quant_map": ((16,), np.float32)}
+    if q.double_quant:
+        out[f"{name}.weight.nested_absmax"] = (tuple(q.nested_absmax.shape), np.float32)
+        out[f"{name}.weight.nested_quant_map"] = ((256,), np.float32)
+    out[name + STATE_TAG + q.quant_type] = ((len(_quant_meta(q)),), np.uint8)
+    return out
 
 
 def _quant_tensors(name: str, q: Any) -> dict[str, np.ndarray]:
@@ -119,14 +155,10 @@ def _quant_tensors(name: str, q: Any) -> dict[str, np.ndarray]:
     out = {f"{name}.weight": np.asarray(q.packed, np.uint8).reshape(-1, 1),
            f"{name}.weight.absmax": np.asarray(q.absmax, np.uint8 if q.double_quant else np.float32),
            f"{name}.weight.quant_map": nf4.CODES[q.quant_type].astype(np.float32)}
-    meta: dict[str, Any] = {"quant_type": q.quant_type, "blocksize": q.blocksize, "dtype": q.dtype_name,
-                            "shape": list(q.storage_shape)}
     if q.double_quant:
         out[f"{name}.weight.nested_absmax"] = np.asarray(q.nested_absmax, np.float32)
         out[f"{name}.weight.nested_quant_map"] = dynamic8.DYNAMIC_MAP.astype(np.float32)
-        meta.update({"nested_blocksize": q.nested_blocksize, "nested_dtype": "float32",
-                     "nested_offset": float(np.float32(q.offset))})
-    out[name + STATE_TAG + q.quant_type] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8).copy()
+    out[name + STATE_TAG + q.quant_type] = np.frombuffer(_quant_meta(q), np.uint8).copy()
     return out
 
 
@@ -139,11 +171,17 @@ def save_bnb_folder(
     dtype: str = "float32",
     compute_dtype: str = "float32",
     overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Writes an HF folder that `AutoModelForCausalLM.from_pretrained(out_dir)` loads as a bitsandbytes
     4-bit model (needs bitsandbytes on the loading side). Dense tensors are stored in `dtype`; the 4-bit
-    matmuls compute in `compute_dtype`. Written atomically."""
-    state = bnb_state_dict(params, dtype)
+    matmuls compute in `compute_dtype`; "auto" for either is the base's dtype (`core.dtypes.tree_dtype_name`:
+    for a quantized tree, its kernels' dtype before quantization). Tensors are made and written one module
+    at a time, into shards with an index past `max_shard_size` (as transformers). Written atomically."""
+    auto = dtypes.tree_dtype_name(params)
+    dtype, compute_dtype = dtypes.resolve(dtype, auto), dtypes.resolve(compute_dtype, auto)
+    # transformers 5.24 fills a 4-bit model's shards in name order (not module order as for a dense model).
+    tensors = bnb_tensors(params, dtype).reordered(lambda spec: spec.name)
     flat = flatten_params(params)
     first = next(q for p, q in flat.items() if p[-1] == "qkernel")
     quantized = {dotted(p[:-1]) for p in flat if p[-1] == "qkernel"}
@@ -152,7 +190,11 @@ def save_bnb_folder(
     hf_config = {**config.to_hf(), "torch_dtype": dtype, "dtype": dtype,
                  "quantization_config": quantization_config(first.quant_type, first.double_quant,
                                                             compute_dtype=compute_dtype, skip_modules=skip)}
-    return write_hf_folder(out_dir, state, hf_config, tokenizer=tokenizer, overwrite=overwrite)
+    # transformers counts a 4-bit weight as 2 parameters per stored byte (`num_parameters`).
+    total = sum(int(np.prod(v.shape)) for p, v in flat.items() if p[-1] != "qkernel") + sum(
+        2 * int(np.prod(q.packed.shape)) for p, q in flat.items() if p[-1] == "qkernel")
+    return write_hf_folder(out_dir, tensors, hf_config, tokenizer=tokenizer, overwrite=overwrite,
+                           max_shard_size=max_shard_size, total_parameters=total)
 
 
 # ---------------------------------------------------------------------------------------------- import

@@ -114,7 +114,17 @@ def _lock(path: str) -> Iterator[None]:
 
 
 def _complete(folder: str) -> bool:
-    return all(os.path.isfile(os.path.join(folder, n)) for n in ("config.json", "model.safetensors"))
+    """config.json and the weights: model.safetensors, or (a GGUF past 50 GB in fp32) an index and its shards."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return False
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return True
+    try:
+        with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+            shards = set(json.load(f)["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(shards) and all(os.path.isfile(os.path.join(folder, s)) for s in shards)
 
 
 def cached_hf_folder(gguf_path: str | None = None, cache_dir: str | None = None) -> str:

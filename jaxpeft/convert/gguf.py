@@ -8,6 +8,7 @@ architecture is read as which family, and the tensor names, come from the family
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from jaxpeft.convert.shards import DEFAULT_MAX_SHARD_SIZE, TensorSpec, Tensors, save_shards
 from jaxpeft.core.atomic import atomic_dir
 from jaxpeft.core.errors import (
     CheckpointError,
@@ -110,6 +112,16 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     The state dict uses HF `LlamaForCausalLM` parameter names, torch layout `[out, in]`, quantized
     tensors dequantized, q/k rows restored to HF order; `lm_head.weight` is present only for
     untied models. Raises UnsupportedModelError for other architectures or unknown tensors.
+    Dequantizes everything at once; `open_gguf` gives the same tensors one at a time.
+    """
+    config, tensors = open_gguf(path)
+    return config, dict(tensors.items())
+
+
+def open_gguf(path: str) -> tuple[dict, Tensors]:
+    """`read_gguf` without reading: the config, and the tensors (float32, HF names, in the file's order) as
+    lazy `Tensors`, each dequantized (and q/k unpermuted) only when asked for, from the memory-mapped file.
+    Every check (architecture, unknown or missing tensors) runs here, before any tensor is dequantized.
     """
     gguf = _import_gguf()
     if not os.path.isfile(path):
@@ -140,7 +152,8 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     )
     ctx = _field(reader, f"{arch}.context_length", 2048)
 
-    state: dict[str, np.ndarray] = {}
+    groups = []
+    shapes: dict[str, tuple[int, ...]] = {}
     unknown: list[str] = []
     for tensor in reader.tensors:
         name = tensor.name
@@ -152,10 +165,12 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         else:
             unknown.append(f"{name} ({tensor.tensor_type.name}, shape {tensor.shape.tolist()})")
             continue
-        weight = _dequantize(gguf, tensor)
+        heads = None
         if match and match.group(2) in permuted:
-            weight = unpermute_qk(weight, n_head if permuted[match.group(2)] == "q_proj" else n_kv)
-        state[hf_name] = weight
+            heads = n_head if permuted[match.group(2)] == "q_proj" else n_kv
+        shapes[hf_name] = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        groups.append(([TensorSpec(hf_name, shapes[hf_name], np.float32)],
+                       functools.partial(_hf_tensor, gguf, tensor, hf_name, heads)))
     if unknown:
         # rope_freqs.weight (Llama 3.1 rope scaling) and biases land here on purpose.
         raise UnsupportedModelError(
@@ -165,11 +180,10 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     expected = {f"{family.embed}.weight", f"{family.final_norm}.weight"} | {
         f"{family.layer_prefix(i)}.{v}" for i in range(n_layers) for v in layer_names.values()
     }
-    missing = sorted(expected - state.keys())
+    missing = sorted(expected - shapes.keys())
     if missing:
         raise CheckpointError(f"GGUF file {path} lacks tensors:\n{bullet_list(missing)}")
 
-    embed = state[f"{family.embed}.weight"]
     config: dict[str, Any] = {
         "architectures": [family.architecture],
         "model_type": family.model_type,
@@ -184,8 +198,8 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
         "rope_scaling": _rope_scaling(reader, arch, ctx),
         "max_position_embeddings": ctx,
         # The embedding's row count is the truth; the metadata key is optional in older files.
-        "vocab_size": int(embed.shape[0]),
-        "tie_word_embeddings": f"{family.head}.weight" not in state,
+        "vocab_size": int(shapes[f"{family.embed}.weight"][0]),
+        "tie_word_embeddings": f"{family.head}.weight" not in shapes,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "hidden_act": "silu",
@@ -196,17 +210,22 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     pad = _field(reader, "tokenizer.ggml.padding_token_id")
     if pad is not None:
         config["pad_token_id"] = pad
-    return config, state
+    return config, Tensors(groups)
 
 
-def gguf_to_hf_folder(gguf_path: str, out_dir: str) -> str:
+def _hf_tensor(gguf: Any, tensor: Any, hf_name: str, heads: int | None) -> dict[str, np.ndarray]:
+    """One GGUF tensor dequantized to float32 (q/k rows unpermuted when `heads` is set), by its HF name."""
+    weight = _dequantize(gguf, tensor)
+    return {hf_name: weight if heads is None else unpermute_qk(weight, heads)}
+
+
+def gguf_to_hf_folder(gguf_path: str, out_dir: str, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> str:
     """Converts a Llama GGUF file into a plain fp32 HF folder at `out_dir`, atomically.
 
-    Writes config.json, model.safetensors, generation_config.json and the tokenizer files (with the
-    chat template). `out_dir` must not exist yet. Returns `out_dir`.
+    Writes config.json, model.safetensors (or shards with an index past `max_shard_size`),
+    generation_config.json and the tokenizer files (with the chat template), dequantizing and writing one
+    tensor at a time, so the fp32 model never exists whole. `out_dir` must not exist yet. Returns `out_dir`.
     """
-    from safetensors.numpy import save_file
-
     try:
         import transformers
     except ImportError as e:
@@ -215,8 +234,8 @@ def gguf_to_hf_folder(gguf_path: str, out_dir: str) -> str:
             "Fix: pip install transformers"
         ) from e
 
-    config, state = read_gguf(gguf_path)
-    logging.info("read %s: %d tensors, %d layers", gguf_path, len(state), config["num_hidden_layers"])
+    config, tensors = open_gguf(gguf_path)
+    logging.info("read %s: %d tensors, %d layers", gguf_path, len(tensors.specs), config["num_hidden_layers"])
     directory, name = os.path.split(os.path.abspath(gguf_path))
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     # The GGUF tokenizer comes back with an "infinite" max length; the model's context is the truth.
@@ -225,7 +244,8 @@ def gguf_to_hf_folder(gguf_path: str, out_dir: str) -> str:
     with atomic_dir(out_dir) as tmp:
         with open(tmp / "config.json", "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # One tensor dequantized at a time; shards past `max_shard_size` (transformers' default 50GB).
+        save_shards(tmp, tensors, max_shard_size=max_shard_size)
         gen = {
             key: config[key]
             for key in ("bos_token_id", "eos_token_id", "pad_token_id")

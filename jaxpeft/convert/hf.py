@@ -7,17 +7,20 @@ The mapping is mechanical: an HF name `a.b.c.weight` is the tree path a/b/c with
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from jaxpeft.convert.shards import DEFAULT_MAX_SHARD_SIZE, TensorSpec, Tensors, as_tensors, save_shards
 from jaxpeft.convert.stream import Checkpoint, Placement, QuantizeSpec, load_params
+from jaxpeft.core import dtypes
 from jaxpeft.core.atomic import atomic_dir
 from jaxpeft.core.errors import CheckpointError, bullet_list
-from jaxpeft.core.tree import flatten_params
+from jaxpeft.core.tree import module_leaves
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.families import family_of
 
@@ -57,19 +60,79 @@ def tensor_ndim(state: Mapping, name: str) -> int:
 
 
 def params_to_hf(params: Mapping, dtype: Any = np.float32) -> dict[str, np.ndarray]:
-    """The inverse of `hf_to_params`: an HF state dict (numpy, torch layout) from a dense parameter tree."""
+    """The inverse of `hf_to_params`: an HF state dict (numpy, torch layout) from a dense parameter tree.
+
+    Builds every tensor at once; the writers stream the same tensors with `hf_tensors`."""
+    return dict(hf_tensors(params, dtype).items())
+
+
+ModuleTransform = Callable[[tuple[str, ...], dict], Mapping[str, Any]]
+
+
+def hf_tensors(params: Mapping, dtype: Any = np.float32, *, transform: ModuleTransform | None = None) -> Tensors:
+    """The HF state dict of `params` as lazy `Tensors`: each module's tensors are transposed to torch layout
+    and cast to `dtype` only when a writer asks for them, so the converted model never exists whole.
+
+    `transform(module_path, leaves)` (e.g. merging an adapter into that module) is applied to one module's
+    leaves just before they are converted; it must be traceable by `jax.eval_shape`, which gives the
+    tensors' shapes ahead of computing them. Raises CheckpointError, before anything is computed, naming
+    every leaf that is not a plain weight (adapters and quantized kernels must be merged or dequantized).
+    """
+    np_dtype = np.dtype(dtype)
+    groups, bad = [], []
+    for module, leaves in module_leaves(params).items():
+        shapes = leaves if transform is None else _eval_shapes(transform, module, leaves)
+        specs = []
+        for leaf, value in shapes.items():
+            if leaf not in ("kernel", "embedding", "weight", "bias"):
+                bad.append("/".join(module + (leaf,)))
+                continue
+            shape = tuple(np.shape(value))
+            specs.append(TensorSpec(_hf_name(module, leaf), shape[::-1] if leaf == "kernel" else shape, np_dtype))
+        groups.append((specs, functools.partial(_module_tensors, module, leaves, np_dtype, transform)))
+    if bad:
+        raise CheckpointError(
+            f"leaf {bad[0]} is not a plain weight; merge or split off adapters (and dequantize) before exporting "
+            "a full model" + (f". Every such leaf:\n{bullet_list(bad)}" if len(bad) > 1 else ""))
+    return Tensors(groups)
+
+
+def transformers_order(config: LlamaConfig) -> Callable[[TensorSpec], tuple[int, int, str]]:
+    """A sort key putting tensors in the order transformers' `state_dict()` lists them (embedding, each layer's
+    linears then norms, final norm, head; a module's weight before its bias): the order its `save_pretrained`
+    fills a dense model's shards in. Names it does not know go last, by name."""
+    family = family_of(config.model_type)
+    modules = [family.embed]
+    for i in range(config.num_hidden_layers):
+        prefix = family.layer_prefix(i)
+        modules += [f"{prefix}.{part.name}" for part in (*family.linears, *family.norms)]
+    modules += [family.final_norm, family.head]
+    rank = {m: i for i, m in enumerate(modules)}
+
+    def key(spec: TensorSpec) -> tuple[int, int, str]:
+        module, _, leaf = spec.name.rpartition(".")
+        return rank.get(module, len(rank)), {"weight": 0, "bias": 1}.get(leaf, 2), spec.name
+
+    return key
+
+
+def _hf_name(module: tuple[str, ...], leaf: str) -> str:
+    return ".".join(module) + (".bias" if leaf == "bias" else ".weight")
+
+
+def _eval_shapes(transform: ModuleTransform, module: tuple[str, ...], leaves: dict) -> Mapping[str, Any]:
+    import jax
+
+    return jax.eval_shape(lambda x: dict(transform(module, x)), leaves)
+
+
+def _module_tensors(module: tuple[str, ...], leaves: dict, np_dtype: np.dtype,
+                    transform: ModuleTransform | None) -> dict[str, np.ndarray]:
+    """One module's HF tensors: (transformed,) transposed (kernels) and cast, one copy each."""
     out = {}
-    for path, value in flatten_params(params).items():
-        array = np.asarray(value).astype(dtype)
-        *module, leaf = path
-        if leaf == "kernel":
-            array = np.ascontiguousarray(array.T)
-        elif leaf not in ("embedding", "weight", "bias"):
-            raise CheckpointError(
-                f"leaf {'/'.join(path)} is not a plain weight; merge or split off adapters (and dequantize) "
-                "before exporting a full model"
-            )
-        out[".".join(module) + (".bias" if leaf == "bias" else ".weight")] = array
+    for leaf, value in (leaves if transform is None else transform(module, leaves)).items():
+        array = np.asarray(value)
+        out[_hf_name(module, leaf)] = np.array(array.T if leaf == "kernel" else array, dtype=np_dtype, order="C")
     return out
 
 
@@ -149,37 +212,45 @@ def save_hf_folder(
     dtype: str = "float32",
     generation_config: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    transform: ModuleTransform | None = None,
 ) -> Path:
     """Writes an HF model folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-    Written atomically: the folder appears complete or not at all.
+    `dtype` is float32, bfloat16, float16 or "auto" (the tree's own, `core.dtypes.tree_dtype_name`). Tensors
+    are converted and written one module at a time (`transform` may change a module's leaves just before,
+    see `hf_tensors`), into one model.safetensors or, past `max_shard_size` bytes (default transformers'
+    "50GB"), shards with an index. Written atomically: the folder appears complete or not at all.
     """
-    np_dtype = numpy_dtype(dtype)
-    state = params_to_hf(params, np_dtype)
+    dtype = dtypes.resolve(dtype, dtypes.tree_dtype_name(params)) if dtype == dtypes.AUTO else dtype
+    tensors = hf_tensors(params, numpy_dtype(dtype), transform=transform).reordered(transformers_order(config))
     hf_config = {**config.to_hf(), "torch_dtype": dtype, "dtype": dtype}
-    return write_hf_folder(out_dir, state, hf_config, tokenizer=tokenizer, generation_config=generation_config,
-                           overwrite=overwrite)
+    return write_hf_folder(out_dir, tensors, hf_config, tokenizer=tokenizer, generation_config=generation_config,
+                           overwrite=overwrite, max_shard_size=max_shard_size)
 
 
 def write_hf_folder(
     out_dir: str | os.PathLike,
-    state: Mapping[str, np.ndarray],
+    state: Mapping[str, np.ndarray] | Tensors,
     hf_config: Mapping[str, Any],
     *,
     tokenizer: Any = None,
     generation_config: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    total_parameters: int | None = None,
 ) -> Path:
-    """Writes model.safetensors, config.json, generation_config.json (and the tokenizer) atomically.
+    """Writes the weights (a state dict or lazy `Tensors`, streamed tensor by tensor: one model.safetensors,
+    or shards and model.safetensors.index.json past `max_shard_size`), config.json, generation_config.json
+    (and the tokenizer) atomically. `total_parameters` goes into a sharded index (default: the tensors'
+    element count).
 
     A tied model's `lm_head.weight` is left out, as transformers saves it."""
-    from safetensors.numpy import save_file
-
-    state = dict(state)
+    tensors = as_tensors(state)
     if hf_config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)
+        tensors = tensors.without(["lm_head.weight"])
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_shards(tmp, tensors, max_shard_size=max_shard_size, total_parameters=total_parameters)
         (tmp / "config.json").write_text(json.dumps(dict(hf_config), indent=2, sort_keys=True))
         gen = {"bos_token_id": hf_config.get("bos_token_id"), "eos_token_id": hf_config.get("eos_token_id"),
                "pad_token_id": hf_config.get("pad_token_id"), **(generation_config or {})}
@@ -190,9 +261,5 @@ def write_hf_folder(
 
 
 def numpy_dtype(name: str):
-    import ml_dtypes
-
-    table = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-    if name not in table:
-        raise ValueError(f"dtype {name!r} is not one of {sorted(table)}")
-    return table[name]
+    """The numpy dtype of float32, bfloat16 or float16 (`core.dtypes.numpy_dtype`)."""
+    return dtypes.numpy_dtype(name)

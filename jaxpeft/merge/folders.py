@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.convert.hf import load_tokenizer_from, read_safetensors, save_hf_folder
+from jaxpeft.convert.hf import load_tokenizer_from, read_safetensors
 from jaxpeft.convert.load import from_pretrained, resolve_model_dir
 from jaxpeft.convert.peft import common as peft_common, lora as peft_lora
 from jaxpeft.core.atomic import atomic_dir
@@ -41,9 +41,8 @@ from jaxpeft.core.errors import CheckpointError, ConfigError, bullet_list
 from jaxpeft.core.tree import dotted, flatten_params, unflatten_params
 from jaxpeft.merge.combine import COMBINATION_TYPES, SEMANTICS, combine_adapters
 from jaxpeft.merge.ops import NEEDS_DENSITY, NEEDS_KEY, SIGN_METHODS
-from jaxpeft.merge.unload import merge_and_unload
+from jaxpeft.merge.unload import save_merged as save_merged_folder  # `save_merged` is merge_folders' flag
 from jaxpeft.methods.lora import LoraConfig, load_peft_adapter
-from jaxpeft.quant import dequantize_params
 
 CONFIG_NAME, WEIGHTS_NAME = peft_common.CONFIG_NAME, peft_common.WEIGHTS_NAME
 DEFAULT_DENSITY = 0.5
@@ -204,12 +203,12 @@ def _delta(flat: Mapping, path: tuple[str, ...]) -> Any:
 
 
 def merge_folders(adapter_dirs: Sequence[str | os.PathLike], merge: MergeConfig, out: str | os.PathLike, *,
-                  base: str | None = None, save_merged: bool = False, merged_dtype: str = "float32",
+                  base: str | None = None, save_merged: bool = False, merged_dtype: str = "auto",
                   overwrite: bool = False, allow_base_mismatch: bool = False) -> dict[str, Any]:
     """Combines the adapter folders and writes `out` (see the module doc); returns merge_config.json's contents.
 
-    `base` names the base model for merged/ (default: the adapters' base_model_name_or_path); a non-empty
-    `out` is refused unless `overwrite`.
+    `base` names the base model for merged/ (default: the adapters' base_model_name_or_path), written module
+    by module in `merged_dtype` ("auto": the base's dtype); a non-empty `out` is refused unless `overwrite`.
     """
     out = Path(out)
     _check_out(out, overwrite)
@@ -258,9 +257,8 @@ def _save_merged(adapter_dir: Path, out: Path, base_model: tuple[Any, dict, Any]
     loader, so one that does not fit this base fails with its checks (module names and shapes)."""
     model, params, tokenizer = base_model
     _, adapted, cfg = load_peft_adapter(adapter_dir, model, params)
-    # A 4-bit base (a bitsandbytes folder) is written dense: fp32 before the cast to `dtype`.
-    merged = dequantize_params(merge_and_unload(adapted, "lora", cfg), jnp.float32)
-    save_hf_folder(out, merged, model.config, tokenizer=tokenizer, dtype=dtype)
+    # Module by module; a 4-bit base (a bitsandbytes folder) is written dense: fp32 before the cast to `dtype`.
+    save_merged_folder(out, adapted, "lora", cfg, model.config, tokenizer=tokenizer, dtype=dtype)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

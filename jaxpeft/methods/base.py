@@ -5,7 +5,9 @@ A method is a set of pure functions over the parameter tree:
   they adapt (base leaves are never copied);
 - `is_adapter(path, config)` says which leaves belong to the adapter (for split/combine and saving);
 - `is_trainable(path, config)` says which leaves the optimizer updates;
-- `merge`/`unmerge` fold the adapter into the base weights and back (where `mergeable`);
+- `merge_module(path, leaves, config)` folds the adapter into one module's weights (where `mergeable`), so
+  writers can merge a model module by module without it ever existing whole; `merge` applies it to
+  every module, and `unmerge` takes the adapter back out;
 - `save`/`load` write and read the adapter in its exchange format, through the format's own module
   (`jaxpeft/convert/peft/` for PEFT's, `jaxpeft/convert/adapterhub.py`); formats never import methods.
 Capabilities (`mergeable`, `identity_at_init`) tell the shared contract tests what to expect.
@@ -19,7 +21,7 @@ import jax
 
 from jaxpeft.core import partition
 from jaxpeft.core.errors import ConfigError
-from jaxpeft.core.tree import Path
+from jaxpeft.core.tree import Path, module_leaves, unflatten_params
 
 
 class Method:
@@ -48,8 +50,21 @@ class Method:
         """Leaves the base model does not have (adapter leaves minus trained copies of base weights)."""
         return self.is_adapter(path, config)
 
-    def merge(self, params: Mapping, config: Any) -> dict:
+    def merge_module(self, path: Path, leaves: Mapping[str, Any], config: Any, *, dtype: Any = None) -> dict[str, Any]:
+        """One module's leaves with the adapter folded into its weights and the adapter's own leaves gone; a
+        module the adapter does not touch comes back unchanged. The weights the merge computes are done in
+        float32 (a 4-bit `qkernel` of this module is dequantized for it) and returned in `dtype` (None: the
+        base weight's own dtype, float32 for a quantized one). Pure jnp, so `jax.eval_shape` can trace it."""
         raise ConfigError(f"{self.name} cannot be merged into the base weights; keep the adapter separate")
+
+    def merge(self, params: Mapping, config: Any) -> dict:
+        """The whole tree merged: `merge_module` on every module."""
+        if not self.mergeable:
+            raise ConfigError(f"{self.name} cannot be merged into the base weights; keep the adapter separate")
+        flat: dict[Path, Any] = {}
+        for module, leaves in module_leaves(params).items():
+            flat.update({module + (k,): v for k, v in self.merge_module(module, leaves, config).items()})
+        return unflatten_params(flat)
 
     def unmerge(self, merged: Mapping, adapter: Mapping, config: Any) -> dict:
         raise ConfigError(f"{self.name} cannot be merged, so there is nothing to unmerge")

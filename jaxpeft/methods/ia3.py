@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft.convert.peft import common as peft_common, ia3 as peft_ia3
-from jaxpeft.convert.peft.ia3 import IA3_LEAVES, ia3_modules
+from jaxpeft.convert.peft.ia3 import IA3_LEAVES
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.core.targets import LINEAR_KERNELS, Targets, match_targets
 from jaxpeft.core.tree import Path, dotted, flatten_params, kernel_shape, module_leaves, unflatten_params
@@ -124,24 +124,30 @@ class IA3(Method):
 
         A quantized kernel is dequantized (fp32) first, as LoRA's merge does.
         """
-        flat = flatten_params(params)
-        out = {p: v for p, v in flat.items() if p[-1] not in IA3_LEAVES}
-        by_module = module_leaves(flat)
-        for module in ia3_modules(flat):
-            leaves = by_module[module]
-            dtype = leaves["kernel"].dtype if "kernel" in leaves else jnp.float32
-            w_IxO = dense_kernel(leaves, jnp.float32)
-            if "ia3_in" in leaves:
-                w_IxO = w_IxO * jnp.asarray(leaves["ia3_in"], jnp.float32)[:, None]
-            if "ia3_out" in leaves:
-                w_IxO = w_IxO * jnp.asarray(leaves["ia3_out"], jnp.float32)[None, :]
-                if "bias" in leaves:
-                    b = leaves["bias"]
-                    out[module + ("bias",)] = (jnp.asarray(b, jnp.float32) * leaves["ia3_out"]).astype(b.dtype)
-            for k in LINEAR_KERNELS:
-                out.pop(module + (k,), None)
-            out[module + ("kernel",)] = w_IxO.astype(dtype)
-        return unflatten_params(out)
+        return super().merge(params, config)
+
+    def merge_module(self, path: Path, leaves: Mapping[str, Any], config: IA3Config | None = None, *,
+                     dtype: Any = None) -> dict[str, Any]:
+        """One module's merge (see `merge`), in fp32; the kernel (and a scaled bias) returned in `dtype`
+        (None: their own dtypes, float32 for a quantized kernel)."""
+        if not any(k in leaves for k in IA3_LEAVES):
+            return dict(leaves)
+        out = {k: v for k, v in leaves.items() if k not in IA3_LEAVES}
+        own = leaves["kernel"].dtype if "kernel" in leaves else jnp.float32
+        kernel_dtype = own if dtype is None else dtype
+        w_IxO = dense_kernel(leaves, jnp.float32)
+        if "ia3_in" in leaves:
+            w_IxO = w_IxO * jnp.asarray(leaves["ia3_in"], jnp.float32)[:, None]
+        if "ia3_out" in leaves:
+            w_IxO = w_IxO * jnp.asarray(leaves["ia3_out"], jnp.float32)[None, :]
+            if "bias" in leaves:
+                b = leaves["bias"]
+                scaled = jnp.asarray(b, jnp.float32) * leaves["ia3_out"]
+                out["bias"] = scaled.astype(b.dtype if dtype is None else dtype)
+        for k in LINEAR_KERNELS:
+            out.pop(k, None)
+        out["kernel"] = w_IxO.astype(kernel_dtype)
+        return out
 
     def unmerge(self, merged: Mapping, adapter: Mapping, config: IA3Config | None = None) -> dict:
         """Divides the vectors of `adapter` back out of `merged`; refuses vectors with zero entries."""

@@ -130,7 +130,12 @@ class Lora(Method):
 
     def merge(self, params: Mapping, config: LoraConfig | None = None) -> dict:
         """Folds every LoRA (and DoRA) into its kernel: W' = W + s·AB (DoRA: m · (W + s·AB) / ||W + s·AB||)."""
-        return _map_lora_modules(params, _merge_module)
+        return super().merge(params, config)
+
+    def merge_module(self, path: Path, leaves: Mapping[str, Any], config: LoraConfig | None = None, *,
+                     dtype: Any = None) -> dict[str, Any]:
+        """One module's merge (see `merge`), computed in fp32, the kernel returned in `dtype`."""
+        return _merge_module(dict(leaves), dtype) if "lora_a" in leaves else dict(leaves)
 
     def unmerge(self, merged: Mapping, adapter: Mapping, config: LoraConfig | None = None) -> dict:
         """Recovers the base kernels from merged ones and the adapter that was merged in."""
@@ -200,23 +205,17 @@ LINEAR_HOOK = hooks.LinearAdapter(name="lora", leaves=LORA_LEAVES, trigger="lora
                                   uses_dropout=True)
 
 
-def _merge_module(leaves: dict[str, Any]) -> dict[str, Any]:
+def _merge_module(leaves: dict[str, Any], dtype: Any = None) -> dict[str, Any]:
     base = {k: v for k, v in leaves.items() if k not in LORA_LEAVES}
     w = dense_kernel(leaves, jnp.float32)
-    dtype = leaves["kernel"].dtype if "kernel" in leaves else jnp.float32
+    if dtype is None:
+        dtype = leaves["kernel"].dtype if "kernel" in leaves else jnp.float32
     merged = w + _delta(leaves)
     if "lora_magnitude" in leaves:
         merged = merged * (jnp.asarray(leaves["lora_magnitude"], jnp.float32) / jnp.linalg.norm(merged, axis=0))
     base.pop("qkernel", None)
     base["kernel"] = merged.astype(dtype)
     return base
-
-
-def _map_lora_modules(params: Mapping, fn) -> dict:
-    out = {}
-    for module, leaves in module_leaves(params).items():
-        out.update({module + (k,): v for k, v in (fn(leaves) if "lora_a" in leaves else leaves).items()})
-    return unflatten_params(out)
 
 
 def _is_saved(path: Path, modules_to_save: Sequence[str]) -> bool:

@@ -13,13 +13,12 @@ import jax.numpy as jnp
 from absl import logging
 
 from jaxpeft.convert.default_model import DEFAULT_MODEL
-from jaxpeft.convert.hf import save_hf_folder
 from jaxpeft.convert.load import from_pretrained
 from jaxpeft.core.dtypes import tree_dtype_name
 from jaxpeft.core.partition import count
 from jaxpeft.core.tree import flatten_params
+from jaxpeft.merge.unload import save_merged
 from jaxpeft.methods.base import Method
-from jaxpeft.quant import dequantize_params
 from jaxpeft.train import optim
 from jaxpeft.train.evaluate import Evaluator, scalars
 from jaxpeft.train.loop import TrainConfig, Trainer, micro_batch_targets
@@ -84,10 +83,9 @@ def run_finetune(
     method.save(folder.path / method.artifact_name, final, method_config, model_config=model.config,
                 base_model_name_or_path=cfg.model or DEFAULT_MODEL, tokenizer=tokenizer, overwrite=True)
     if cfg.save_merged:
-        # A quantized base (QLoRA) is written dequantized, in fp32 before the cast to merged_dtype.
-        merged = dequantize_params(method.merge(final, method_config), jnp.float32)
-        save_hf_folder(folder.path / "merged", merged, model.config, tokenizer=tokenizer, dtype=cfg.merged_dtype,
-                       overwrite=True)
+        # Module by module: each merged in fp32 (a 4-bit kernel dequantized), cast to merged_dtype, written.
+        save_merged(folder.path / "merged", final, method, method_config, model.config, tokenizer=tokenizer,
+                    dtype=cfg.merged_dtype, overwrite=True)
     results = {"before": before, "after": after, "steps": trainer.step, "parameters": counts,
                "samples_after": after_full.get("eval_samples", [])}
     folder.finish(results)

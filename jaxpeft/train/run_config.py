@@ -34,7 +34,7 @@ class RunConfig:
     resume: bool = False
     overwrite: bool = False
     save_merged: bool = False
-    merged_dtype: str = "float32"
+    merged_dtype: str = "auto"  # "auto": the base's dtype (core.dtypes.tree_dtype_name)
     progress: bool = True
     mesh: str | None = None  # "data:2,fsdp:2,tensor:2"; None: every device on data (train/sharding.py)
     parallel: str = "jit"  # "jit" (the mesh) or "pmap"
