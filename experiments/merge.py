@@ -51,7 +51,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-from experiments.common import log_to_stderr, run_cli, run_in_process
+from experiments.common import define_param_dtype_flag, log_to_stderr, run_cli, run_in_process
 from jaxpeft.merge.combine import COMBINATION_TYPES, SEMANTICS
 from jaxpeft.merge.ops import SIGN_METHODS
 
@@ -80,6 +80,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
     flags.DEFINE_enum("merged_dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
                       "dtype of merged/ (auto: the base's dtype).", flag_values=fv)
+    define_param_dtype_flag(fv)
     flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.", flag_values=fv)
     flags.DEFINE_bool("allow_base_mismatch", False,
                       "Merge even if the adapters name different base models (same weights, other "
@@ -100,7 +101,7 @@ def main(fv: flags.FlagValues, argv: Sequence[str]) -> None:
                         density=fv.density, svd_rank=fv.svd_rank, svd_clamp=fv.svd_clamp,
                         majority_sign_method=fv.majority_sign_method, seed=fv.seed)
     summary = merge_folders(fv.adapters, merge, fv.out, base=fv.base, save_merged=fv.save_merged,
-                            merged_dtype=fv.merged_dtype, overwrite=fv.overwrite,
+                            merged_dtype=fv.merged_dtype, param_dtype=fv.param_dtype, overwrite=fv.overwrite,
                             allow_base_mismatch=fv.allow_base_mismatch)
     ranks = sorted(set(summary["ranks"].values()))
     print(json.dumps({"adapter": summary["adapter"], "merged": summary["merged"],

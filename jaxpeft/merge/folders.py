@@ -204,11 +204,13 @@ def _delta(flat: Mapping, path: tuple[str, ...]) -> Any:
 
 def merge_folders(adapter_dirs: Sequence[str | os.PathLike], merge: MergeConfig, out: str | os.PathLike, *,
                   base: str | None = None, save_merged: bool = False, merged_dtype: str = "auto",
-                  overwrite: bool = False, allow_base_mismatch: bool = False) -> dict[str, Any]:
+                  overwrite: bool = False, allow_base_mismatch: bool = False,
+                  param_dtype: str = "auto") -> dict[str, Any]:
     """Combines the adapter folders and writes `out` (see the module doc); returns merge_config.json's contents.
 
     `base` names the base model for merged/ (default: the adapters' base_model_name_or_path), written module
-    by module in `merged_dtype` ("auto": the base's dtype); a non-empty `out` is refused unless `overwrite`.
+    by module in `merged_dtype` ("auto": the base's dtype); the base loads in `param_dtype` ("auto": as its
+    checkpoint stores it); a non-empty `out` is refused unless `overwrite`.
     """
     out = Path(out)
     _check_out(out, overwrite)
@@ -229,7 +231,7 @@ def merge_folders(adapter_dirs: Sequence[str | os.PathLike], merge: MergeConfig,
                "ranks": {dotted(p[:-1]): int(v.shape[1]) for p, v in flatten_params(combined).items()
                          if p[-1] == "lora_a"},
                "distance_to_weighted_sum": distance_to_weighted_sum(adapters, kw["weights"], combined)}
-    base_model = _load_base(base_name) if save_merged else None
+    base_model = _load_base(base_name, param_dtype) if save_merged else None
     with atomic_dir(out, overwrite=True) as tmp:
         write_lora_folder(tmp / "adapter", combined, config, base_model_name_or_path=base_name or "")
         if base_model is not None:
@@ -239,11 +241,11 @@ def merge_folders(adapter_dirs: Sequence[str | os.PathLike], merge: MergeConfig,
     return summary
 
 
-def _load_base(name: str) -> tuple[Any, dict, Any]:
+def _load_base(name: str, param_dtype: str = "auto") -> tuple[Any, dict, Any]:
     """(model, params, tokenizer or None): merged/ gets the base's tokenizer when its folder has one."""
     from absl import logging
 
-    model, params, _ = from_pretrained(name, load_tokenizer=False)
+    model, params, _ = from_pretrained(name, param_dtype=param_dtype, load_tokenizer=False)
     try:
         tokenizer = load_tokenizer_from(resolve_model_dir(name))
     except CheckpointError as e:
