@@ -156,6 +156,15 @@ def test_eval_examples_0_turns_the_evaluation_off(reference):
     assert "evaluation skipped" in reference["stdout"]
 
 
+def test_a_negative_eval_examples_is_refused(tmp_path):
+    from jaxpeft.core.errors import ConfigError
+    from jaxpeft.train.run_config import RunConfig
+    from jaxpeft.train.run_data import prepare_data
+
+    with pytest.raises(ConfigError, match=r"--eval_examples=-1: expected a count .* \(0 turns the evaluation off\)"):
+        prepare_data(RunConfig(out=str(tmp_path), eval_examples=-1), tokenizer=None)
+
+
 def test_sigterm_to_one_of_two_processes_stops_both_after_the_step_and_resume_matches(story, reference):
     s, out = story["sigterm_two"], story["out"]
     proc = s["proc"]
