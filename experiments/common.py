@@ -168,6 +168,9 @@ def print_results(results: dict, out: str) -> None:
     before, after = results["before"], results["after"]
     keys = [k for k in after if k.startswith("eval_") and k not in ("eval_n", "eval_tokens")]
     print(f"\nresults ({results['steps']} steps; run folder {out})")
+    if not keys:
+        print("evaluation skipped (--eval_examples=0)")
+        return
     print(f"{'metric':<28}{'before':>12}{'after':>12}")
     for k in keys:
         print(f"{k:<28}{before.get(k, float('nan')):>12.4f}{after[k]:>12.4f}")
@@ -213,7 +216,7 @@ def run_app(main) -> None:
             return main(argv)
         except JaxPeftError as e:
             sys.stderr.write(f"error: {e}\n")
-            sys.exit(2)
+            sys.exit(e.exit_code)
 
     app.run(guarded)
 
@@ -223,7 +226,8 @@ def run_cli(define_flags: Callable[[flags.FlagValues], None], main: Main) -> Non
 
     Exactly the command line of before: the same flags (attributed to the same modules, so --help and
     --helpfull read the same), absl's own flags, and the same exit codes (1: a usage or flag error, 2: a
-    jaxpeft error, shown as one line).
+    jaxpeft error, shown as one line; a run stopped by SIGTERM or SIGINT: 143 or 130, and a write that
+    found no room: 74, each also one line).
     """
     define_flags(flags.FLAGS)
     run_app(lambda argv: main(flags.FLAGS, argv))
@@ -236,8 +240,8 @@ def run_in_process(define_flags: Callable[[flags.FlagValues], None], main: Main,
     The flags are parsed into a fresh `flags.FlagValues`, so entry points can run one after another in one
     process. Exit codes and stderr messages follow `run_cli`: a flag error prints absl's "FATAL Flags
     parsing error" lines (1), an `app.UsageError` the entry point's `doc` and the error (its exitcode, 1),
-    a `JaxPeftError` "error: <message>" (2). absl's own flags (--helpfull, --verbosity, ...) exist only on
-    the command line. Any other exception propagates.
+    a `JaxPeftError` "error: <message>" (its `exit_code`: 2, or 143/130/74 as in `run_cli`). absl's own
+    flags (--helpfull, --verbosity, ...) exist only on the command line. Any other exception propagates.
     """
     from jaxpeft.core.errors import JaxPeftError
 
@@ -256,7 +260,7 @@ def run_in_process(define_flags: Callable[[flags.FlagValues], None], main: Main,
         return e.exitcode
     except JaxPeftError as e:
         sys.stderr.write(f"error: {e}\n")
-        return 2
+        return e.exit_code
     except SystemExit as e:  # an entry point that exits itself
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0

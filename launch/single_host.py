@@ -57,6 +57,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Exit codes of a run stopped by SIGINT / SIGTERM after saving (jaxpeft.core.errors.RunStopped): not a failure.
+STOPPED = (130, 143)
+STOP_GRACE_S = 60.0
+
+
 def spawn(args: argparse.Namespace, target: list[str]) -> int:
     """Starts the children, supervises them; returns the exit code."""
     address = f"127.0.0.1:{free_port()}"
@@ -73,9 +78,14 @@ def spawn(args: argparse.Namespace, target: list[str]) -> int:
             cmd.append("--local_device_ids=" + ",".join(str(d) for d in range(i * g, (i + 1) * g)))
         children.append(subprocess.Popen([*cmd, "--", *target], env=env))
     deadline = time.monotonic() + args.timeout if args.timeout else None
-    code = 0
+    code, grace = 0, False
     while None in (codes := [c.poll() for c in children]):  # poll every child: any() would stop at the first
-        failed = [c for c in codes if c not in (None, 0)]
+        failed = [c for c in codes if c not in (None, 0, *STOPPED)]
+        if not grace and any(c in STOPPED for c in codes):
+            # A run stopped on a signal: every process stops after the same step (train/run_guard.py);
+            # the others get STOP_GRACE_S to finish saving and exit before they count as hung.
+            grace, stop_by = True, time.monotonic() + STOP_GRACE_S
+            deadline = min(deadline, stop_by) if deadline else stop_by
         if failed or (deadline and time.monotonic() > deadline):
             code = failed[0] if failed else 124
             sys.stderr.write(f"[launch.single_host] {'a process failed' if failed else 'timeout'}; stopping the others\n")

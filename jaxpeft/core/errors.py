@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class JaxPeftError(Exception):
-    """Base class of every error jaxpeft raises on purpose."""
+    """Base class of every error jaxpeft raises on purpose. The entry points print its message as one
+    `error: ...` line and exit with its `exit_code`."""
+
+    exit_code = 2
 
 
 class ConfigError(JaxPeftError, ValueError):
@@ -17,6 +20,23 @@ class UnsupportedModelError(ConfigError):
 
 class CheckpointError(JaxPeftError, OSError):
     """A checkpoint, weights file or adapter folder that is missing, truncated or inconsistent."""
+
+
+class WriteFailedError(JaxPeftError, OSError):
+    """A write that found no room: disk full (ENOSPC), quota (EDQUOT) or a file-size limit (EFBIG).
+    Exit code 74 (EX_IOERR of sysexits.h)."""
+
+    exit_code = 74
+
+
+class RunStopped(JaxPeftError):
+    """A run stopped on a signal (SIGTERM, SIGINT) after saving what it had; exit code 128 + the signal
+    number (143 for SIGTERM, 130 for SIGINT), as a shell reports a process the signal ended."""
+
+    def __init__(self, message: str, *, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 class DataError(JaxPeftError, ValueError):

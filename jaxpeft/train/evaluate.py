@@ -66,16 +66,25 @@ def generation_eval(
 
 class Evaluator:
     """A run's held-out evaluation: the loss over the encoded held-out examples (batches of up to 32 rows)
-    and the task metrics of greedy generation on their prompts. `evaluator(params)` returns both."""
+    and the task metrics of greedy generation on their prompts. `evaluator(params)` returns both.
+
+    With no held-out examples (`--eval_examples=0`) it is off: `enabled` is False and a call returns {}.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, data: RunData) -> None:
         self.model, self.tokenizer, self.data = model, tokenizer, data
+        self.enabled = bool(data.eval_encoded)
+        if not self.enabled:
+            logging.info("evaluation off: no held-out examples (--eval_examples=0)")
+            return
         self.rows = max(1, min(32, len(data.eval_encoded)))
         targets = micro_batch_targets(data.eval_encoded, self.rows, data.seq_len, False)
         self.eval_step = make_eval_step(model, max_targets=targets)
         self.prompts = eval_prompts(tokenizer, data.eval_records)
 
     def __call__(self, params: Mapping) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
         data = self.data
         start = time.perf_counter()
         result = eval_loss(self.eval_step, params, ordered_batches(data.eval_encoded, self.rows, data.seq_len,

@@ -91,9 +91,11 @@ class Trainer:
         on_log: Callable[[dict], None] | None = None,
         on_eval: Callable[[int], dict] | None = None,
         on_save: Callable[[int], None] | None = None,
+        should_stop: Callable[[int], bool] | None = None,
         progress: bool = True,
     ) -> list[dict]:
-        """Runs until `steps`; returns the logged records. Raises NonFiniteLossError on NaN/inf."""
+        """Runs until `steps`, or until `should_stop(step)` (asked after every step, once it is logged) says
+        True; returns the logged records. Raises NonFiniteLossError on NaN/inf."""
         from tqdm.auto import tqdm
 
         cfg, logs = self.cfg, []
@@ -121,6 +123,10 @@ class Trainer:
                 logs.append(record)
                 if on_log:
                     on_log(record)
+            if should_stop and should_stop(step_now):
+                bar.close()
+                logging.info("stopping after step %d of %d", step_now, cfg.steps)
+                return logs
             if on_eval and cfg.eval_every and step_now % cfg.eval_every == 0 and step_now < cfg.steps:
                 on_eval(step_now)
                 window_start = time.perf_counter()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from jaxpeft.core.atomic import atomic_file
+from jaxpeft.core.write_errors import writing
 
 
 class MetricsWriter:
@@ -25,7 +26,7 @@ class MetricsWriter:
                 self._tb = None
 
     def write(self, record: Mapping[str, Any]) -> None:
-        with open(self.path, "a") as f:
+        with writing(str(self.path), self.path.parent), open(self.path, "a") as f:
             f.write(json.dumps(dict(record), sort_keys=True) + "\n")
         if self._tb is not None:
             step = int(record["step"])

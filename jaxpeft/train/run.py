@@ -6,6 +6,7 @@ evaluation (`evaluate.Evaluator`) and the Trainer (`loop`). `run_finetune` below
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
@@ -25,6 +26,7 @@ from jaxpeft.train.loop import TrainConfig, Trainer, micro_batch_targets
 from jaxpeft.train.run_config import RunConfig
 from jaxpeft.train.run_data import RunData, prepare_data
 from jaxpeft.train.run_folder import RunFolder, check_save_merged, run_settings
+from jaxpeft.train.run_guard import RunGuard
 from jaxpeft.train.runners import release_freed_memory, run_mesh
 from jaxpeft.train.sharding import MeshPlacement, resolve_parallel
 
@@ -45,7 +47,17 @@ def run_finetune(
     `base_loader(cfg.model, dtype=, remat=)` -> (model, params, tokenizer, info); its `settings` dict is
     recorded (and checked by --resume) and `info` goes into config.json. `callbacks["on_log"](record)`
     hears every logged step.
+
+    SIGTERM or SIGINT stops the run after the current step with its checkpoint saved (`RunStopped`); a
+    write that finds no room raises one `WriteFailedError` naming the newest intact checkpoint
+    (train/run_guard.py).
     """
+    with RunGuard(Path(cfg.out) / "checkpoints", total_steps=cfg.steps) as guard:
+        return _run_finetune(cfg, method, method_config, guard, callbacks=callbacks, base_loader=base_loader)
+
+
+def _run_finetune(cfg: RunConfig, method: Method, method_config: Any, guard: RunGuard, *,
+                  callbacks: Mapping[str, Callable] | None, base_loader: Callable | None) -> dict[str, Any]:
     check_save_merged(cfg, method)
     folder = RunFolder(cfg, run_settings(cfg, method, method_config, base_loader))
     parallel = resolve_parallel(cfg.mesh, cfg.parallel)
@@ -73,8 +85,9 @@ def run_finetune(
 
     trainer.fit(iter(data.batcher), on_log=on_log, progress=cfg.progress,
                 on_eval=lambda step: folder.log({"step": step, **scalars(evaluate(trainer.params()))}),
-                on_save=lambda step: folder.save(step, trainer, data.batcher))
+                on_save=lambda step: folder.save(step, trainer, data.batcher), should_stop=guard.should_stop)
     folder.save(trainer.step, trainer, data.batcher)
+    guard.stop_after_final_save(trainer.step, folder.close)
     final = trainer.params()
     after_full = evaluate(final)
     after = scalars(after_full)

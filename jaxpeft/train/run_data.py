@@ -2,7 +2,7 @@
 
 The builtin task carries its own held-out split and scorer; a file gets a held-out fraction (5 %) unless
 the run names an eval split or dataset. The held-out loss and the generation metrics use the same first
-`eval_examples` records.
+`eval_examples` records; `eval_examples=0` turns the evaluation off (the training data stays the same).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 
 from absl import logging
 
+from jaxpeft.core.errors import ConfigError
 from jaxpeft.data import tasks
 from jaxpeft.data.batching import Batcher
 from jaxpeft.data.encode import encode_records, pad_id_of
@@ -35,13 +36,16 @@ class RunData:
 
 def prepare_data(cfg: RunConfig, tokenizer: Any) -> RunData:
     """Loads, encodes and batches `cfg.dataset` (and its held-out part) with `tokenizer`."""
+    if cfg.eval_examples < 0:
+        raise ConfigError(f"--eval_examples={cfg.eval_examples}: expected a count of held-out examples, 0 or more "
+                          "(0 turns the evaluation off).")
     task = tasks.get_task(cfg.dataset.split(":", 1)[1]) if cfg.dataset.startswith("builtin:") else None
     eval_split = cfg.eval_split if (cfg.eval_split is not None or task or cfg.eval_dataset) else 0.05
     train_records, eval_records = load_records(cfg.dataset, eval_split=eval_split, eval_dataset=cfg.eval_dataset,
                                                seed=cfg.seed)
     encoded, stats = encode_records(tokenizer, train_records, seq_len=cfg.seq_len)
     eval_records = eval_records[: cfg.eval_examples]
-    eval_encoded, _ = encode_records(tokenizer, eval_records, seq_len=cfg.seq_len)
+    eval_encoded = encode_records(tokenizer, eval_records, seq_len=cfg.seq_len)[0] if cfg.eval_examples else []
     # Static shapes: pad to the longest example (rounded to 16) when that is shorter than seq_len.
     seq_len = cfg.seq_len if cfg.pack else min(cfg.seq_len, -(-stats.max_len // 16) * 16)
     pad_id = pad_id_of(tokenizer)

@@ -8,7 +8,9 @@
     loss.png, merged/ (with save_merged)
 
 A non-empty folder is refused unless --overwrite (empty it) or --resume (continue it, refusing any
-setting that changes the run's maths).
+setting that changes the run's maths). With several processes (jax.distributed) every process checks the
+folder, process 0 alone prepares it and writes the files above, and all of them write the checkpoints
+(orbax's sharded save, committed by process 0).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import jax
 from absl import logging
 
 from jaxpeft.core.atomic import atomic_file
@@ -88,10 +91,25 @@ def prepare_out_dir(cfg: RunConfig, settings: Mapping[str, Any]) -> Path:
     elif busy and not cfg.overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it, --resume to continue "
                           "it, or choose another --out. Nothing was changed.")
-    elif busy:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _sync("jaxpeft:out_dir_checked")  # every process has looked before process 0 changes anything
+    if is_primary():
+        if busy and not cfg.resume:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    _sync("jaxpeft:out_dir_ready")
     return out
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0; the only one without jax.distributed)."""
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -109,13 +127,14 @@ class RunFolder:
         self.ckpt: Checkpointer | None = None
 
     def write_config(self, parameters: Mapping[str, Any], effective_seq_len: int, base_info: Mapping) -> None:
-        write_json(self.path / "config.json", {"settings": self.settings, "versions": library_versions(),
-                                               "parameters": parameters, "effective_seq_len": effective_seq_len,
-                                               **base_info})
+        if is_primary():
+                write_json(self.path / "config.json", {"settings": self.settings, "versions": library_versions(),
+                                                   "parameters": parameters, "effective_seq_len": effective_seq_len,
+                                                   **base_info})
 
     def open(self) -> None:
-        """Starts metrics.jsonl (and TensorBoard) and the checkpoint manager."""
-        self.metrics = MetricsWriter(self.path)
+        """Starts metrics.jsonl (and TensorBoard; process 0 only) and the checkpoint manager."""
+        self.metrics = MetricsWriter(self.path) if is_primary() else None
         self.ckpt = Checkpointer(self.path / "checkpoints", keep=self.cfg.keep_checkpoints)
 
     def resume(self, trainer: Trainer, batcher: Batcher) -> dict[str, float] | None:
@@ -125,29 +144,39 @@ class RunFolder:
             return None
         trainer.state, meta = self.ckpt.restore(trainer.state)
         batcher.restore(meta["data"])
-        self.metrics.truncate_after(trainer.step)
+        if self.metrics:
+            self.metrics.truncate_after(trainer.step)
         logging.info("resumed from step %d", trainer.step)
         return json.loads((self.path / "results.json").read_text())["before"]
 
     def start(self, before: dict[str, float]) -> dict[str, float]:
         """Records the metrics before training (results.json, and step 0 of metrics.jsonl)."""
-        write_json(self.path / "results.json", {"before": before})
-        self.metrics.write({"step": 0, **before})
+        if is_primary():
+            write_json(self.path / "results.json", {"before": before})
+        self.log({"step": 0, **before})
         return before
 
     def save(self, step: int, trainer: Trainer, batcher: Batcher) -> None:
         self.ckpt.save(step, trainer.state, {"data": batcher.state()})
 
     def log(self, record: Mapping[str, Any]) -> None:
-        self.metrics.write(record)
+        """Appends `record` to metrics.jsonl; a record with nothing but its step (an evaluation that is
+        off, --eval_examples=0) is left out."""
+        if self.metrics and set(record) - {"step"}:
+            self.metrics.write(record)
 
     def close(self) -> None:
-        self.metrics.close()
+        if self.metrics:
+            self.metrics.close()
         self.ckpt.close()
 
     def finish(self, results: Mapping[str, Any]) -> None:
         """The loss curve and results.json, at the end of a run."""
+        if not is_primary():
+            return
         plot_losses(self.path / "metrics.jsonl", self.path / "loss.png")
+        if self.cfg.eval_examples == 0:
+            results = {**results, "evaluation": "skipped: --eval_examples=0 (before and after are empty)"}
         write_json(self.path / "results.json", results)
 
 
