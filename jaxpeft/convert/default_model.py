@@ -114,7 +114,7 @@ def _lock(path: str) -> Iterator[None]:
 
 
 def _complete(folder: str) -> bool:
-    """config.json and the weights: model.safetensors, or (a GGUF past 50 GB in fp32) an index and its shards."""
+    """config.json and the weights: model.safetensors, or (a GGUF past 5 GB in fp32) an index and its shards."""
     if not os.path.isfile(os.path.join(folder, "config.json")):
         return False
     if os.path.isfile(os.path.join(folder, "model.safetensors")):

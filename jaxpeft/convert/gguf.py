@@ -244,7 +244,7 @@ def gguf_to_hf_folder(gguf_path: str, out_dir: str, *, max_shard_size: int | str
     with atomic_dir(out_dir) as tmp:
         with open(tmp / "config.json", "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        # One tensor dequantized at a time; shards past `max_shard_size` (transformers' default 50GB).
+        # One tensor dequantized at a time; shards past `max_shard_size` (DEFAULT_MAX_SHARD_SIZE, 5GB).
         save_shards(tmp, tensors, max_shard_size=max_shard_size)
         gen = {
             key: config[key]

@@ -219,8 +219,8 @@ def save_hf_folder(
 
     `dtype` is float32, bfloat16, float16 or "auto" (the tree's own, `core.dtypes.tree_dtype_name`). Tensors
     are converted and written one module at a time (`transform` may change a module's leaves just before,
-    see `hf_tensors`), into one model.safetensors or, past `max_shard_size` bytes (default transformers'
-    "50GB"), shards with an index. Written atomically: the folder appears complete or not at all.
+    see `hf_tensors`), into one model.safetensors or, past `max_shard_size` bytes (default the Hub's
+    "5GB"), shards with an index. Written atomically: the folder appears complete or not at all.
     """
     dtype = dtypes.resolve(dtype, dtypes.tree_dtype_name(params)) if dtype == dtypes.AUTO else dtype
     tensors = hf_tensors(params, numpy_dtype(dtype), transform=transform).reordered(transformers_order(config))

@@ -35,8 +35,9 @@ from jaxpeft.core.atomic import atomic_file
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-# transformers 5.24's `PreTrainedModel.save_pretrained(max_shard_size="50GB")` (4.x used "5GB").
-DEFAULT_MAX_SHARD_SIZE = "50GB"
+# The Hub's long-standing shard size (transformers 4.x's `save_pretrained` default): a 7B bf16 model is 3
+# files. transformers 5.24 raised its own default to "50GB" (one file up to 50 GB); it loads both.
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3}  # huggingface_hub's: decimal units
 
 # numpy dtype name -> safetensors code, in the safetensors dtype enumeration's order (ascending).
