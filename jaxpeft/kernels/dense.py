@@ -11,10 +11,6 @@ so each copy lives only around its own dot, in the forward and again in the back
 the stored weight (never the converted one) as the residual. The values are those of the plain
 `x @ W.astype(dtype)`: the weight is rounded to `dtype` first, products are computed in fp32 where the CPU
 backend would, and the result is rounded to `dtype`.
-
-A weight whose converted copy would pass `CHUNK_BYTES` (a 49,152-word output head of hidden 4096 in fp32 is
-805 MB) is converted and multiplied in column chunks inside a loop, so only one chunk's copy exists at a
-time, in the forward and in the backward's x-gradient.
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ import jax.numpy as jnp
 from jaxpeft.kernels.frozen import tie_to
 
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-CHUNK_BYTES = 256 * 1024 * 1024  # the largest converted weight copy made at once
 
 
 def needs_tied_matmul(weight_dtype: Any, dtype: Any) -> bool:
@@ -53,32 +48,10 @@ def _converted(kernel: jax.Array, anchor: jax.Array, dtype: Any) -> jax.Array:
     return tie_to(kernel, anchor).astype(dtype).astype(acc)
 
 
-def _chunks(kernel: jax.Array, dtype: Any) -> int:
-    """How many column chunks the kernel is converted in: the fewest that divide O and fit CHUNK_BYTES."""
-    in_dim, out_dim = kernel.shape
-    converted = in_dim * out_dim * jnp.dtype(_accumulate_dtype(dtype)).itemsize
-    if converted <= CHUNK_BYTES:
-        return 1
-    for n in range(2, out_dim + 1):
-        if out_dim % n == 0 and converted // n <= CHUNK_BYTES:
-            return n
-    return 1
-
-
 def _forward(x, kernel, dtype):
     acc = _accumulate_dtype(dtype)
-    n = _chunks(kernel, dtype)
-    x_acc = x.astype(dtype).astype(acc)
-    if n == 1:
-        return jnp.matmul(x_acc, _converted(kernel, x, dtype), preferred_element_type=acc).astype(dtype)
-    width = kernel.shape[1] // n
-
-    def chunk(_, i):
-        w = jax.lax.dynamic_slice_in_dim(kernel, i * width, width, axis=1)
-        return None, jnp.matmul(x_acc, _converted(w, x, dtype), preferred_element_type=acc).astype(dtype)
-
-    _, ys = jax.lax.scan(chunk, None, jnp.arange(n))  # (n, ..., width)
-    return jnp.moveaxis(ys, 0, -2).reshape(*x.shape[:-1], kernel.shape[1])
+    y = jnp.matmul(x.astype(dtype).astype(acc), _converted(kernel, x, dtype), preferred_element_type=acc)
+    return y.astype(dtype)
 
 
 def _fwd(x, kernel, dtype):
@@ -89,19 +62,7 @@ def _bwd(dtype, residual, dy):
     x, kernel = residual
     acc = _accumulate_dtype(dtype)
     dy_acc = dy.astype(dtype).astype(acc)
-    n = _chunks(kernel, dtype)
-    if n == 1:
-        dx = jnp.matmul(dy_acc, _converted(kernel, dy, dtype).T, preferred_element_type=acc).astype(x.dtype)
-    else:
-        width = kernel.shape[1] // n
-
-        def chunk(total, i):
-            w = jax.lax.dynamic_slice_in_dim(kernel, i * width, width, axis=1)
-            d = jax.lax.dynamic_slice_in_dim(dy_acc, i * width, width, axis=dy.ndim - 1)
-            return total + jnp.matmul(d, _converted(w, dy, dtype).T, preferred_element_type=acc), None
-
-        zero = jnp.zeros((*dy.shape[:-1], kernel.shape[0]), acc)
-        dx = jax.lax.scan(chunk, zero, jnp.arange(n))[0].astype(x.dtype)
+    dx = jnp.matmul(dy_acc, _converted(kernel, dy, dtype).T, preferred_element_type=acc).astype(x.dtype)
     x2 = x.astype(dtype).astype(acc).reshape(-1, x.shape[-1])
     dw = jnp.matmul(x2.T, dy_acc.reshape(-1, dy.shape[-1]), preferred_element_type=acc).astype(kernel.dtype)
     return dx, dw

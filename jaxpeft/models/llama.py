@@ -84,7 +84,7 @@ class MLP(nn.Module):
         )
         gate = dense("gate_proj", c.intermediate_size)(x_BxSxD)
         up = dense("up_proj", c.intermediate_size)(x_BxSxD)
-        return dense("down_proj", c.hidden_size)(jax.nn.silu(gate) * up)
+        return dense("down_proj", c.hidden_size)(ops.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -71,6 +71,11 @@ def linear(
     return y
 
 
+def silu(x: jax.Array) -> jax.Array:
+    """SiLU computed in fp32 and rounded once to x's dtype (torch's bf16 silu does the same)."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
 def rms_norm(x_BxSxD: jax.Array, weight_D: jax.Array, eps: float, dtype: Any) -> jax.Array:
     """HF Llama RMSNorm: normalise in fp32, cast back, then scale."""
     x32 = x_BxSxD.astype(jnp.float32)
@@ -103,8 +108,10 @@ def attention(
     b, s, h, e = q_BxSxHxE.shape
     k = k_BxTxKxE.shape[2]
     q = q_BxSxHxE.reshape(b, s, k, h // k, e)
-    scores = jnp.einsum("bskge,btke->bkgst", q, k_BxTxKxE).astype(jnp.float32) * (e ** -0.5)
+    # Scores and the weighted sum accumulate in fp32 and are not rounded to a bf16 `dtype` before the
+    # softmax (as torch's CPU and flash SDPA kernels do); only the probabilities and the output are.
+    scores = jnp.einsum("bskge,btke->bkgst", q, k_BxTxKxE, preferred_element_type=jnp.float32) * (e ** -0.5)
     scores = jnp.where(allowed_BxSxT[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgst,btke->bskge", probs, v_BxTxKxE)
+    out = jnp.einsum("bkgst,btke->bskge", probs, v_BxTxKxE, preferred_element_type=jnp.float32).astype(dtype)
     return out.reshape(b, s, h * e)
