@@ -34,7 +34,8 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
-from jaxpeft.convert.hf import (hf_name_to_path, hf_tensors, load_tokenizer_from, numpy_dtype, read_hf_weights,
+from jaxpeft.convert.hf import (hf_name_to_path, hf_tensors, load_tokenizer_from, numpy_dtype, read_config_json,
+                                read_hf_weights,
                                 tensor_ndim, write_hf_folder)
 from jaxpeft.convert.shards import DEFAULT_MAX_SHARD_SIZE, TensorSpec, Tensors
 from jaxpeft.convert.stream import Placement, load_params
@@ -335,12 +336,7 @@ def load_bnb_folder(folder: str | os.PathLike, *, dtype: Any = None, param_dtype
     import jax.numpy as jnp
 
     folder = Path(folder)
-    path = folder / "config.json"
-    try:
-        hf = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path} ({e}); point at an HF model folder with a valid config.json.") from e
-    rest, qc = split_quantization_config(hf)
+    rest, qc = split_quantization_config(read_config_json(folder))
     if qc is None:
         raise CheckpointError(f"{folder} has no quantization_config in config.json, so it is not a bitsandbytes "
                               "checkpoint; load it with jaxpeft.from_pretrained.")

@@ -192,6 +192,15 @@ def read_hf_weights(folder: str | os.PathLike, *, allow_pickle: bool = False) ->
     )
 
 
+def read_config_json(folder: str | os.PathLike) -> dict[str, Any]:
+    """An HF model folder's config.json as a dict; a missing or broken file is one CheckpointError."""
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path} ({e}); point at an HF model folder with a valid config.json.") from e
+
+
 def load_tokenizer_from(folder: str | os.PathLike):
     """The tokenizer of an HF model folder (transformers' AutoTokenizer)."""
     from transformers import AutoTokenizer

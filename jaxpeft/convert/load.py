@@ -21,7 +21,7 @@ from absl import logging
 from jaxpeft.convert import default_model
 from jaxpeft.convert.bnb import (Bnb4bitConfig, is_bnb_folder, load_bnb_folder, quantization_summary,
                                  split_quantization_config)
-from jaxpeft.convert.hf import hf_name_to_path, hf_to_params, load_tokenizer_from, read_hf_weights
+from jaxpeft.convert.hf import hf_name_to_path, hf_to_params, load_tokenizer_from, read_config_json, read_hf_weights
 from jaxpeft.convert.stream import Checkpoint, Placement, QuantizeSpec
 from jaxpeft.core import dtypes
 from jaxpeft.core.dtypes import config_dtype
@@ -125,14 +125,6 @@ def from_pretrained(
     model = build_model(config, dtype=jnp.dtype(compute_name), param_dtype=jnp.dtype(param_name), remat=remat)
     tokenizer = load_tokenizer_from(folder) if load_tokenizer else None
     return model, params, tokenizer
-
-
-def read_config_json(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path} ({e}); point at an HF model folder with a valid config.json.") from e
 
 
 def quantize_spec(config: LlamaConfig, quantize: Bnb4bitConfig) -> QuantizeSpec:

@@ -41,10 +41,10 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3}  # huggingface_hub's: decimal units
 
 # numpy dtype name -> safetensors code, in the safetensors dtype enumeration's order (ascending).
-_CODES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "float16": "F16",
-          "bfloat16": "BF16", "int32": "I32", "uint32": "U32", "float32": "F32", "float64": "F64",
-          "int64": "I64", "uint64": "U64"}
-_RANK = {name: i for i, name in enumerate(_CODES)}
+SAFETENSORS_CODES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16",
+                     "float16": "F16", "bfloat16": "BF16", "int32": "I32", "uint32": "U32", "float32": "F32",
+                     "float64": "F64", "int64": "I64", "uint64": "U64"}
+_RANK = {name: i for i, name in enumerate(SAFETENSORS_CODES)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +58,9 @@ class TensorSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
-        if self.dtype.name not in _CODES:
+        if self.dtype.name not in SAFETENSORS_CODES:
             raise ValueError(f"tensor {self.name}: dtype {self.dtype.name} has no safetensors code; "
-                             f"supported: {sorted(_CODES)}")
+                             f"supported: {sorted(SAFETENSORS_CODES)}")
 
     @property
     def nbytes(self) -> int:
@@ -209,7 +209,7 @@ def header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None
         header["__metadata__"] = {str(k): str(metadata[k]) for k in sorted(metadata)}
     offset = 0
     for s in specs:
-        header[s.name] = {"dtype": _CODES[s.dtype.name], "shape": list(s.shape),
+        header[s.name] = {"dtype": SAFETENSORS_CODES[s.dtype.name], "shape": list(s.shape),
                           "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

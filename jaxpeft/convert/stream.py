@@ -29,13 +29,13 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 from absl import logging
 
+from jaxpeft.convert.shards import SAFETENSORS_CODES
 from jaxpeft.core.dtypes import SAFETENSORS_FLOATS, majority_float, numpy_dtype
 from jaxpeft.core.errors import CheckpointError
 from jaxpeft.core.tree import unflatten_params
 from jaxpeft.quant import nf4
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_NUMPY_NAMES = {code: name for name, code in SAFETENSORS_CODES.items()}  # safetensors code -> numpy dtype name
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -64,11 +64,10 @@ def read_header(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 def _np_dtype(code: str) -> np.dtype:
-    if code == "BF16":
-        return numpy_dtype("bfloat16")
-    if code not in _ST_DTYPES:
+    if code not in _NUMPY_NAMES:
         raise CheckpointError(f"safetensors dtype {code} is not supported here")
-    return np.dtype(_ST_DTYPES[code])
+    name = _NUMPY_NAMES[code]
+    return numpy_dtype(name) if name == "bfloat16" else np.dtype(name)
 
 
 @dataclasses.dataclass(frozen=True)
