@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxpeft.core.dtypes import tree_dtype_name
 from jaxpeft.core.errors import ConfigError
 from jaxpeft.core.tree import flatten_params
-from jaxpeft.plan.analytic import METHODS, PlanConfig, plan_memory
+from jaxpeft.plan.analytic import PlanConfig, plan_memory
 
 
 def plan_run(*, cfg: Any, method: Any, method_config: Any, model: Any, params: Mapping, seq_len: int,
@@ -27,11 +27,7 @@ def plan_run(*, cfg: Any, method: Any, method_config: Any, model: Any, params: M
         name = "full"
     else:
         return None
-    if name not in METHODS:
-        return None
-    extra = {}
-    if name == "lora" or name == "qlora":
-        extra = {"rank": int(method_config.r), "targets": method_config.target_modules}
+    extra = {} if name == "full" else {"rank": int(method_config.r), "targets": method_config.target_modules}
     if quantized:
         extra.update(quant_blocksize=quantized[0].blocksize, double_quant=quantized[0].double_quant)
     try:
