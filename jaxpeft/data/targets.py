@@ -23,6 +23,7 @@ prompt+completion first differ.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from jaxpeft.core.errors import ConfigError, DataError
@@ -226,3 +227,19 @@ def _check_last(rec: Mapping) -> None:
         raise DataError(f"{_where(rec)}: its messages end with a {msgs[-1].get('role')!r} turn, and "
                         "--train_on=last trains the final message, which must be the assistant's. Drop the "
                         "trailing turns, or use --train_on=assistant.")
+
+
+def use_chat_template_file(tokenizer: Any, path: str | None) -> None:
+    """Replaces the tokenizer's chat template with the Jinja template in `path` (TRL's `chat_template_path`
+    for a .jinja file); None leaves it. The tokenizer saved beside an adapter then carries the template
+    the adapter was trained with."""
+    if path is None:
+        return
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"--chat_template={path}: no such file. Pass a Jinja chat template file, e.g. one of "
+                        "TRL's trl/chat_templates/*.jinja.")
+    text = file.read_text(encoding="utf-8")
+    if "messages" not in text:
+        raise DataError(f"--chat_template={path} does not look like a chat template (it never reads `messages`).")
+    tokenizer.chat_template = text
