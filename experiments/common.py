@@ -65,8 +65,7 @@ def define_run_flags(fv: flags.FlagValues, default_steps: int = 200, default_lr:
     """The flags every fine-tuning entry point shares (experiments.lora's set), defined into `fv`."""
     flags.DEFINE_string("model", None, "HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct).",
                         flag_values=fv)
-    flags.DEFINE_string("dataset", "builtin:dates", "A JSON/JSONL/parquet file, a hub dataset, or builtin:<task>.",
-                        flag_values=fv)
+    define_dataset_flags(fv)
     flags.DEFINE_string("eval_split", None, "Held-out fraction of --dataset (e.g. 0.05) or a split name.",
                         flag_values=fv)
     flags.DEFINE_string("eval_dataset", None, "A separate held-out dataset file.", flag_values=fv)
@@ -106,6 +105,28 @@ def define_run_flags(fv: flags.FlagValues, default_steps: int = 200, default_lr:
                         "an axis left out is 1, data takes the rest). See launch/README.md.", flag_values=fv)
     flags.DEFINE_enum("parallel", "jit", ["jit", "pmap"], "jit: sharded over --mesh; pmap: data parallelism.",
                       flag_values=fv)
+
+
+def define_dataset_flags(fv: flags.FlagValues) -> None:
+    """Which data and which tokens are targets: the training entry points and experiments.data."""
+    flags.DEFINE_string("dataset", "builtin:dates", "A .json/.jsonl/.parquet/.csv file, a datasets.save_to_disk "
+                        "folder, a hub dataset, builtin:<task>, or several of them comma-separated.", flag_values=fv)
+    flags.DEFINE_string("dataset_split", "train", "The split of --dataset to train on (hub datasets, saved "
+                        "DatasetDicts).", flag_values=fv)
+    flags.DEFINE_string("dataset_config", None, "The hub dataset's configuration (subset) name.", flag_values=fv)
+    flags.DEFINE_string("dataset_text_field", "text", "The column holding the text of language-modelling records.",
+                        flag_values=fv)
+    flags.DEFINE_string("field_map", None, "Rename record fields before the formats are recognised, "
+                        "yours:theirs,... (e.g. question:prompt,answer:completion).", flag_values=fv)
+    flags.DEFINE_enum("train_on", None, ["all", "completion", "assistant", "last"],
+                      "Target tokens. prompt/completion records: completion (default) | all; text: all; messages "
+                      "and conversations: assistant (default: every assistant turn) | last | all; Alpaca: its "
+                      "answer (all: every token).", flag_values=fv)
+    flags.DEFINE_string("chat_template", None, "A Jinja chat template file replacing the tokenizer's (e.g. TRL's "
+                        "trl/chat_templates/qwen2_5_training.jinja).", flag_values=fv)
+    flags.DEFINE_enum("truncation", "prompt_left", ["prompt_left", "right", "drop"],
+                      "Examples longer than --seq_len: prompt_left cuts the prompt from its left and keeps the "
+                      "answer; right keeps the first --seq_len tokens (TRL's); drop drops them.", flag_values=fv)
 
 
 def define_param_dtype_flag(fv: flags.FlagValues) -> None:
@@ -154,6 +175,9 @@ def run_config_from_flags(fv: flags.FlagValues, method_name: str):
         except ValueError:
             pass
     return RunConfig(out=out, model=f.model, dataset=f.dataset, eval_split=eval_split, eval_dataset=f.eval_dataset,
+                     dataset_split=f.dataset_split, dataset_config=f.dataset_config,
+                     dataset_text_field=f.dataset_text_field, field_map=f.field_map, train_on=f.train_on,
+                     chat_template=f.chat_template, truncation=f.truncation,
                      steps=f.steps, batch_size=f.batch_size, grad_accum=f.grad_accum, seq_len=f.seq_len, pack=f.pack,
                      lr=f.lr, warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,
                      max_grad_norm=f.max_grad_norm, dtype=f.dtype, param_dtype=f.param_dtype, remat=f.remat, seed=f.seed,

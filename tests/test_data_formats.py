@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,43 @@ def test_preview_marks_targets_and_counts(smollm2_tokenizer, tmp_path):
 def test_chat_template_file_errors(smollm2_tokenizer, tmp_path):
     with pytest.raises(DataError, match="no such file"):
         targets.use_chat_template_file(copy.deepcopy(smollm2_tokenizer), str(tmp_path / "none.jinja"))
+
+
+def test_experiments_data_prints_targets_and_dumps_in_order(tiny_model_dir, tmp_path, capsys):
+    from experiments import data as data_cli
+    from jaxpeft.convert.hf import load_tokenizer_from
+
+    records = tmp_path / "mixed.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONAL + TEXT))
+    dump = tmp_path / "out" / "dump.jsonl"
+    argv = ["data", f"--dataset={records}", f"--model={tiny_model_dir}", "--seq_len=64", "--show=2",
+            f"--dump={dump}", "--nocolor"]
+    assert data_cli.run(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- example") == 2 and "«" in out and '"target_tokens"' in out
+    lines = [json.loads(line) for line in dump.read_text().splitlines()]
+    expected, _ = preview.encode_dataset(load_tokenizer_from(tiny_model_dir), str(records), seq_len=64)
+    assert lines == [{"input_ids": e["input_ids"], "loss_mask": e["loss_mask"]} for e in expected]
+    assert len(lines) == 5 and sorted(p.name for p in dump.parent.iterdir()) == ["dump.jsonl"]  # no temp left
+    # A bad input is one "error:" line, before anything is written.
+    assert data_cli.run(["data", f"--dataset={tmp_path / 'nope.jsonl'}", f"--model={tiny_model_dir}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: Data file") and "nope.jsonl does not exist" in err[-1]
+
+
+@pytest.mark.slow  # a real training run (jit compile of the train and eval steps): ~20 s of CPU
+def test_lora_trains_on_text_and_messages_packed(tiny_model_dir, tmp_path):
+    from tests.cli import run_entry
+
+    records = tmp_path / "mixed.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in (TEXT + MULTI_TURN + SHAREGPT) * 3))
+    out = tmp_path / "run"
+    proc = run_entry("experiments.lora", f"--model={tiny_model_dir}", f"--dataset={records}", "--rank=2",
+                     "--steps=2", "--batch_size=2", "--seq_len=64", "--pack", "--eval_examples=3", "--eval_split=0.2",
+                     "--truncation=right", f"--out={out}", "--noprogress", "--save_every=0")
+    assert "ignored field(s) beside the record formats: ['id']" in proc.stderr
+    assert re.search(r"longer than --seq_len=64 \(right: \d+ cut, 0 dropped\)", proc.stderr)
+    settings = json.loads((out / "config.json").read_text())["settings"]
+    assert settings["truncation"] == "right" and settings["train_on"] is None
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(m.get("loss", 0) == m.get("loss", 0) for m in metrics)  # no NaN
