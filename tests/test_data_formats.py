@@ -351,3 +351,19 @@ def test_lora_trains_on_text_and_messages_packed(tiny_model_dir, tmp_path):
     assert settings["truncation"] == "right" and settings["train_on"] is None
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(m.get("loss", 0) == m.get("loss", 0) for m in metrics)  # no NaN
+
+
+def test_numeric_training_flags_are_range_checked_before_anything_loads(tmp_path, capsys):
+    from absl import flags
+
+    from experiments import common, lora
+
+    code = lora.run(["lora", "--lr=-1", "--steps=-5", "--dropout=1.0", f"--out={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not (tmp_path / "run").exists()
+    for part in ("--lr=-1.0 (expected > 0)", "--steps=-5 (expected >= 1)", "--dropout=1.0 (expected in [0, 1))"):
+        assert part in err[0]
+    fv = flags.FlagValues()
+    lora.define_flags(fv)
+    common.document_flag_ranges(fv)
+    assert fv["lr"].help.endswith("Valid: > 0.") and fv["seq_len"].help.endswith("Valid: >= 2.")
