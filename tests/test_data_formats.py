@@ -367,3 +367,28 @@ def test_numeric_training_flags_are_range_checked_before_anything_loads(tmp_path
     lora.define_flags(fv)
     common.document_flag_ranges(fv)
     assert fv["lr"].help.endswith("Valid: > 0.") and fv["seq_len"].help.endswith("Valid: >= 2.")
+
+
+def test_eval_prompts_of_the_new_formats(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    got = data.eval_prompts(tok, TEXT[:1] + PROMPT_COMPLETION[:1] + CONVERSATIONAL[:1] + MULTI_TURN[:1])
+    assert len(got) == 3  # the text record has no prompt to generate from
+    (pc_ids, pc_ref), (conv_ids, conv_ref), (mt_ids, mt_ref) = got
+    assert tok.decode(pc_ids) == PROMPT_COMPLETION[0]["prompt"] and pc_ref == " 4"
+    assert conv_ref == "Hello!" and tok.decode(conv_ids).endswith("Hi there<|im_end|>\n<|im_start|>assistant\n")
+    assert mt_ref == "1, 2, 3" and tok.decode(mt_ids).endswith("And three?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_hub_dataset_config_and_split(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load(name, config=None):
+        calls.append((name, config))
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(TEXT[:1]),
+                                     "dev": datasets.Dataset.from_list(PROMPT_COMPLETION[:1])})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    train, ev = data.load_records("someone/corpus", config="en", split="dev", eval_split="train")
+    assert calls == [("someone/corpus", "en")] * 2
+    assert train[0]["_format"] == "prompt_completion" and ev[0]["_format"] == "text"

@@ -73,13 +73,14 @@ def normalize_records(records: Sequence[Any], *, source: str = "records") -> lis
     """
     if len(records) == 0:
         raise DataError(f"{source} contains no records. Expected a non-empty list of records, {_EXPECTED}.")
-    bad, norm, extras = [], [], set()
+    bad, norm, extras, raw = [], [], set(), 0
     for i, r in enumerate(records):
         try:
             fmt = formats.detect(r)
-            if fmt in ("normalised",):
+            if fmt == "normalised":
                 norm.append(r)
                 continue
+            raw += fmt != "legacy"  # legacy: Alpaca records normalised before
             problem = _problem(r) if fmt == "legacy" else None
             if problem is not None:
                 raise formats.FormatProblem(problem)
@@ -102,10 +103,11 @@ def normalize_records(records: Sequence[Any], *, source: str = "records") -> lis
         )
     if extras:
         log.info("%s: ignored field(s) beside the record formats: %s", source, sorted(extras))
-    counts: dict[str, int] = {}
-    for r in norm:
-        counts[record_format(r)] = counts.get(record_format(r), 0) + 1
-    log.info("%s: %d records (%s)", source, len(norm), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if raw:  # once per loaded source, not again when normalised records are encoded
+        counts: dict[str, int] = {}
+        for r in norm:
+            counts[record_format(r)] = counts.get(record_format(r), 0) + 1
+        log.info("%s: %d records (%s)", source, len(norm), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     empty = [i for i, r in enumerate(norm) if record_format(r) == "alpaca" and not r["target"].strip()]
     if empty and len(empty) == len(norm):
         raise DataError(f"{source}: every record has an empty answer ('output' or 'target').")
