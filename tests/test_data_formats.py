@@ -392,3 +392,13 @@ def test_hub_dataset_config_and_split(monkeypatch):
     train, ev = data.load_records("someone/corpus", config="en", split="dev", eval_split="train")
     assert calls == [("someone/corpus", "en")] * 2
     assert train[0]["_format"] == "prompt_completion" and ev[0]["_format"] == "text"
+
+
+def test_a_record_of_no_format_is_named_on_the_first_line(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps(TEXT[0]) + "\n" + json.dumps({"question": "q", "id": 1}) + "\n")
+    with pytest.raises(DataError) as e:
+        data.load_records(str(path))
+    first = str(e.value).splitlines()[0]
+    assert first.startswith(f"{path} record 1: matches no format; keys found: ['id', 'question']")
+    assert "--field_map" in first and "1 of 2 records" in first

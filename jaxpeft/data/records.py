@@ -97,9 +97,10 @@ def normalize_records(records: Sequence[Any], *, source: str = "records") -> lis
             for i, p, r in bad[:10]
         ]
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        # The first line alone names the file, the first bad record and the fix; the rest lists them all.
         raise DataError(
-            f"{source}: {len(bad)} of {len(records)} records are not usable.\n"
-            f"Expected {_EXPECTED}.\nFound:\n{bullet_list(shown)}{more}\n{_FIX}"
+            f"{source} {shown[0]}. {_FIX} ({len(bad)} of {len(records)} records are not usable.)\n"
+            f"Expected {_EXPECTED}.\nFound:\n{bullet_list(shown)}{more}"
         )
     if extras:
         log.info("%s: ignored field(s) beside the record formats: %s", source, sorted(extras))
