@@ -186,8 +186,9 @@ def apply_field_map(records: list[Any], field_map: Mapping[str, str], *, source:
     present = set().union(*(r.keys() for r in records if isinstance(r, Mapping)))
     unknown = sorted(set(field_map) - present)
     if unknown:
-        raise DataError(f"{source}: --field_map names field(s) {unknown} that no record has; the records have "
-                        f"{sorted(present)}. Fix the names before the ':' (yours:theirs).")
+        raise DataError(f"{source}: --field_map names field(s) {unknown} that no record has (--dataset_text_field "
+                        f"counts as one); the records have {sorted(present)}. Fix the names before the ':' "
+                        "(yours:theirs).")
     out = []
     for r in records:
         if isinstance(r, Mapping):
