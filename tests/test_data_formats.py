@@ -402,3 +402,23 @@ def test_a_record_of_no_format_is_named_on_the_first_line(tmp_path):
     first = str(e.value).splitlines()[0]
     assert first.startswith(f"{path} record 1: matches no format; keys found: ['id', 'question']")
     assert "--field_map" in first and "1 of 2 records" in first
+
+
+def test_resume_of_a_run_saved_before_the_data_flags(tmp_path):
+    """A run folder written before --train_on & co. existed resumes when those flags keep their defaults."""
+    from jaxpeft.methods import get_method
+    from jaxpeft.methods.lora import LoraConfig
+    from jaxpeft.train.run_config import RunConfig
+    from jaxpeft.train.run_folder import prepare_out_dir, run_settings
+
+    cfg = RunConfig(out=str(tmp_path / "run"), resume=True)
+    settings = run_settings(cfg, get_method("lora"), LoraConfig(), None)
+    new = ("dataset_split", "dataset_config", "dataset_text_field", "field_map", "train_on", "chat_template",
+           "truncation")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"settings": {k: v for k, v in settings.items()
+                                                                           if k not in new}}))
+    prepare_out_dir(cfg, settings)
+    with pytest.raises(ConfigError, match="train_on: None -> 'last'"):
+        changed = RunConfig(out=cfg.out, resume=True, train_on="last")
+        prepare_out_dir(changed, run_settings(changed, get_method("lora"), LoraConfig(), None))
