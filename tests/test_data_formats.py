@@ -422,3 +422,12 @@ def test_resume_of_a_run_saved_before_the_data_flags(tmp_path):
     with pytest.raises(ConfigError, match="train_on: None -> 'last'"):
         changed = RunConfig(out=cfg.out, resume=True, train_on="last")
         prepare_out_dir(changed, run_settings(changed, get_method("lora"), LoraConfig(), None))
+
+
+def test_tool_calls_a_template_cannot_render_are_refused_not_dropped(smollm2_tokenizer):
+    # SmolLM2's template renders only `content`: the call would vanish from the tokens without a word.
+    with pytest.raises(DataError, match="has 'tool_calls', which the chat template never reads.*--chat_template"):
+        data.encode_records(smollm2_tokenizer, TOOL_CALLS, seq_len=1024, train_on="all")
+    no_calls = [{"messages": MULTI_TURN[0]["messages"], "tools": [WEATHER_TOOL]}]
+    with pytest.raises(DataError, match="has 'tools'"):
+        data.encode_records(smollm2_tokenizer, no_calls, seq_len=1024)

@@ -159,6 +159,7 @@ def encode_new(tokenizer: Any, records: Sequence[Mapping], train_on: Mapping[str
 
     `train_on` maps each format present to its value (`resolve_train_on`). Tokenization is batched per kind.
     """
+    _check_template_reads_tools(tokenizer, records)
     eos = getattr(tokenizer, "eos_token", None)
     out: list[Any] = [None] * len(records)
     # (record position, full text, prompt text or None, target spans or None), tokenized as one batch per group:
@@ -199,6 +200,23 @@ def encode_new(tokenizer: Any, records: Sequence[Mapping], train_on: Mapping[str
                 mask = [1] * len(ids)
             out[i] = (ids, mask)
     return out
+
+
+def _check_template_reads_tools(tokenizer: Any, records: Sequence[Mapping]) -> None:
+    """Refuses tool calls or a `tools` column that the chat template never reads: they would vanish from
+    the training tokens without a word (SmolLM2's template renders only `content`)."""
+    def messages(rec: Mapping) -> list:
+        return rec.get("messages") or (rec.get("prompt", []) + rec.get("completion", []) if
+                                       rec["_format"] == "conversational" else [])
+
+    for field, has in (("tool_calls", lambda r: any(m.get("tool_calls") for m in messages(r))),
+                       ("tools", lambda r: bool(r.get("tools")))):
+        users = [r for r in records if r["_format"] in ("conversational", "messages") and has(r)]
+        if users and field not in template_of(tokenizer):
+            raise DataError(f"{_where(users[0])} (and {len(users) - 1} more) has '{field}', which the chat template "
+                            "never reads, so it would be dropped from the training tokens. Pass "
+                            "--chat_template=FILE with a template that renders tools (e.g. TRL's "
+                            "trl/chat_templates/qwen2_5_training.jinja), or remove the field.")
 
 
 def _marked(tokenizer: Any, rec: Mapping, mode: str) -> tuple[list[int], list[int]]:
