@@ -431,3 +431,15 @@ def test_tool_calls_a_template_cannot_render_are_refused_not_dropped(smollm2_tok
     no_calls = [{"messages": MULTI_TURN[0]["messages"], "tools": [WEATHER_TOOL]}]
     with pytest.raises(DataError, match="has 'tools'"):
         data.encode_records(smollm2_tokenizer, no_calls, seq_len=1024)
+
+
+@pytest.mark.slow  # `python -m experiments.data` in a subprocess on the default model: ~30 s of CPU
+def test_the_command_line_dump_matches_trl(trl_sft, smollm2_tokenizer, tmp_path):
+    from tests.cli import run_module
+
+    records = tmp_path / "chat.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in MULTI_TURN))
+    dump = tmp_path / "dump.jsonl"
+    run_module("experiments.data", f"--dataset={records}", "--seq_len=4096", "--train_on=all", f"--dump={dump}")
+    ours = [(d["input_ids"], d["loss_mask"]) for d in map(json.loads, dump.read_text().splitlines())]
+    _assert_same(ours, trl_sft(MULTI_TURN), smollm2_tokenizer)
