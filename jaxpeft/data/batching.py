@@ -27,7 +27,8 @@ class Batcher:
       (1 = real token). With `pack=True` each row holds several whole examples, and the batch
       also has segment_ids_BxS int32 (1, 2, 3... per example in the row, 0 = padding) and
       positions_BxS int32 (restarting at 0 in each example, 0 on padding); mask attention where
-      segment ids differ.
+      segment ids differ. A packed example's first token is never a target (loss_mask 0), so no loss
+      crosses an example boundary.
     """
 
     def __init__(
@@ -112,6 +113,9 @@ class Batcher:
                     break
                 batch["segment_ids"][row, start : start + n] = segment
                 batch["positions"][row, start : start + n] = np.arange(n)
+                # An example's first token is predicted from the previous example's last one: never a target
+                # (a `text` record marks its position 0; nothing inside the example predicts it).
+                batch["loss_mask"][row, start] = 0
                 start, segment = start + n, segment + 1
                 # Whole examples only: the row ends when the next one does not fit.
                 if start + len(self._ids[self._peek()]) > self.seq_len:

@@ -1,48 +1,36 @@
-"""Fine-tuning records: load them (local files, the Hub, the bundled tasks) and normalise them to one form.
+"""Fine-tuning records: load them (local files, `save_to_disk` folders, the Hub, the bundled tasks) and
+normalise them.
 
-Records come in two formats and are normalised to one:
-
-* Alpaca: `{"instruction": str, "input": str (optional), "output": str}`
-* chat:   `{"messages": [{"role": str, "content": str}, ...]}`; the last assistant message is the
-  target and the messages before it are the prompt.
-* normalised: `{"messages": [...prompt messages...], "target": str}` (Alpaca records also keep
-  `instruction` and `input`, used by the plain-text format).
+The formats (`jaxpeft.data.formats` has the table): TRL's text, prompt/completion (standard and
+conversational) and messages records, ShareGPT conversations, and Alpaca. Alpaca records normalise as they
+always have, to `{"messages": [...prompt messages...], "target": str, "instruction", "input"}` (the legacy
+chat form `{"messages", "target"}` is accepted as is); the others keep their fields under a `"_format"` key.
 
 Tokenizing them with a loss mask is `jaxpeft.data.encode`; batching them, `jaxpeft.data.batching`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jaxpeft.core.errors import ConfigError, DataError, MissingDependencyError, bullet_list
-from jaxpeft.data import tasks
+from jaxpeft.core.errors import ConfigError, DataError, bullet_list
+from jaxpeft.data import formats, sources, tasks
 
 log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
-_LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
-_EXPECTED = (
-    "Alpaca records {'instruction': str, 'input': str (optional), 'output': str}, or chat records "
-    "{'messages': [{'role': ..., 'content': str}, ...]} ending with an assistant message"
-)
-_FIX = (
-    "Rename your fields to instruction/input/output (or messages with role/content), e.g. with "
-    "datasets.Dataset.rename_column, and drop records without an answer."
-)
+_EXPECTED = formats.EXPECTED
+_FIX = formats.FIX
 # ----------------------------------------------------------------------------------------------
 # Records: validation and normalisation.
 
 
 def _problem(record: Any) -> str | None:
-    """Why `record` is not a usable Alpaca/chat/normalised record, or None when it is."""
-    if not isinstance(record, Mapping):
-        return f"is a {type(record).__name__}, not an object"
+    """Why a legacy (Alpaca or normalised chat) record is not usable, or None when it is."""
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -52,29 +40,13 @@ def _problem(record: Any) -> str | None:
                 return f"messages[{i}] lacks a string 'role'"
             if not isinstance(m.get("content"), str):
                 return f"messages[{i}] lacks a string 'content'"
-        if "target" in record:
-            return None if isinstance(record["target"], str) else "'target' is not a string"
-        roles = [m["role"] for m in msgs]
-        if "assistant" not in roles:
-            return "no assistant message to learn from"
-        if len(roles) - 1 - roles[::-1].index("assistant") == 0:
-            return "the only assistant message has no prompt before it"
-        return None
-    missing = [k for k in ("instruction", "output") if not isinstance(record.get(k), str)]
-    if missing:
-        return f"missing string field(s) {missing}"
-    if record.get("input") is not None and not isinstance(record["input"], str):
-        return "'input' is not a string"
+        return None if isinstance(record["target"], str) else "'target' is not a string"
     return None
 
 
-def _normalize_one(record: Mapping) -> Record:
-    if "messages" in record and "target" in record:
+def _normalize_alpaca(record: Mapping) -> Record:
+    if "messages" in record:  # already normalised (legacy chat form)
         return dict(record)
-    if "messages" in record:
-        msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        return {"messages": msgs[:last], "target": msgs[last]["content"]}
     instruction, inp = record["instruction"], record.get("input") or ""
     content = f"{instruction}\n\n{inp}" if inp else instruction
     return {
@@ -85,103 +57,70 @@ def _normalize_one(record: Mapping) -> Record:
     }
 
 
-def normalize_records(records: Sequence[Any], *, source: str = "records") -> list[Record]:
-    """Validates Alpaca/chat records and returns them as `{"messages", "target"}` dicts.
+def record_format(record: Mapping) -> str:
+    """The format of a normalised record: one of formats.NEW_FORMATS, or "alpaca" (Alpaca and legacy chat)."""
+    return record.get("_format", "alpaca")
 
-    Records whose answer is empty are dropped with a warning (real sets have a few; training on
-    them teaches the model to answer nothing). Raises DataError naming `source` and listing every
-    bad record (index, problem, keys found).
+
+def normalize_records(records: Sequence[Any], *, source: str = "records") -> list[Record]:
+    """Recognises each record's format (`jaxpeft.data.formats`) and returns the records normalised.
+
+    Alpaca records become `{"messages", "target", "instruction", "input"}` exactly as before; the TRL-style
+    formats (text, prompt/completion, conversational, messages, ShareGPT) their `"_format"` form. Alpaca
+    records whose answer is empty are dropped with a warning (training on them teaches the model to answer
+    nothing). Keys beside a record's format are ignored and listed once in the log. Raises DataError
+    naming `source` and listing every bad record (index, problem, keys found).
     """
     if len(records) == 0:
-        raise DataError(f"{source} contains no records. Expected a non-empty list of {_EXPECTED}.")
-    bad = [(i, p, r) for i, r in enumerate(records) if (p := _problem(r)) is not None]
+        raise DataError(f"{source} contains no records. Expected a non-empty list of records, {_EXPECTED}.")
+    bad, norm, extras, raw = [], [], set(), 0
+    for i, r in enumerate(records):
+        try:
+            fmt = formats.detect(r)
+            if fmt == "normalised":
+                norm.append(r)
+                continue
+            raw += fmt != "legacy"  # legacy: Alpaca records normalised before
+            problem = _problem(r) if fmt == "legacy" else None
+            if problem is not None:
+                raise formats.FormatProblem(problem)
+            extras |= formats.extra_keys(r, fmt) if fmt != "legacy" else set()
+            if fmt in ("alpaca", "legacy"):
+                norm.append(_normalize_alpaca(r))
+            else:
+                norm.append(formats.normalize_new(r, fmt, source=source, index=i))
+        except formats.FormatProblem as e:
+            bad.append((i, str(e), r))
     if bad:
         shown = [
             f"record {i}: {p}; keys found: {sorted(r) if isinstance(r, Mapping) else '-'}"
             for i, p, r in bad[:10]
         ]
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        # The first line alone names the file, the first bad record and the fix; the rest lists them all.
         raise DataError(
-            f"{source}: {len(bad)} of {len(records)} records are not usable.\n"
-            f"Expected {_EXPECTED}.\nFound:\n{bullet_list(shown)}{more}\n{_FIX}"
+            f"{source} {shown[0]}. {_FIX} ({len(bad)} of {len(records)} records are not usable.)\n"
+            f"Expected {_EXPECTED}.\nFound:\n{bullet_list(shown)}{more}"
         )
-    norm = [_normalize_one(r) for r in records]
-    empty = [i for i, r in enumerate(norm) if not r["target"].strip()]
-    if len(empty) == len(norm):
+    if extras:
+        log.info("%s: ignored field(s) beside the record formats: %s", source, sorted(extras))
+    if raw:  # once per loaded source, not again when normalised records are encoded
+        counts: dict[str, int] = {}
+        for r in norm:
+            counts[record_format(r)] = counts.get(record_format(r), 0) + 1
+        log.info("%s: %d records (%s)", source, len(norm), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    empty = [i for i, r in enumerate(norm) if record_format(r) == "alpaca" and not r["target"].strip()]
+    if empty and len(empty) == len(norm):
         raise DataError(f"{source}: every record has an empty answer ('output' or 'target').")
     if empty:
         log.warning("%s: dropped %d records with an empty answer: %s", source, len(empty), empty)
-        norm = [r for r in norm if r["target"].strip()]
+        dropped = set(empty)
+        norm = [r for i, r in enumerate(norm) if i not in dropped]
     return norm
 
 
 # ----------------------------------------------------------------------------------------------
 # Loading.
-
-
-def _read_local(path: Path) -> list[Any]:
-    expected = f"Expected a .json, .jsonl or .parquet file of {_EXPECTED}."
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise DataError(f"Data file {path} {what}. {expected} Check the path (cwd-relative).")
-    suffix = path.suffix.lower()
-    if suffix not in _LOCAL_SUFFIXES:
-        raise DataError(f"Data file {path} has suffix {suffix!r}. {expected} Convert it, e.g. "
-                        "with datasets.Dataset.to_json(path).")  # fmt: skip
-    if suffix == ".parquet" and path.stat().st_size:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise MissingDependencyError("Reading .parquet needs: pip install pyarrow") from e
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises several types for a corrupt file.
-            raise DataError(f"Could not read parquet file {path} ({e}). {expected}") from e
-    text = "" if suffix == ".parquet" else path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise DataError(f"Data file {path} is empty. {expected}")
-    if suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} is not valid JSON: {e}. {expected}") from None
-    # JSON lines (also accepted in .json files: datasets' to_json writes them).
-    records = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {n} is not valid JSON ({e.msg}). Expected a JSON list "
-                            "of records or one JSON record per line.") from None  # fmt: skip
-    return records
-
-
-def _read_hub(name: str, split: str) -> list[Any]:
-    import datasets  # Imported here: heavy, and only needed for hub datasets.
-
-    try:
-        ds = datasets.load_dataset(name)
-    except Exception as e:  # Offline, unknown name, gated dataset...: all mean "not available".
-        raise DataError(
-            f"{name!r} is not a local file, and the dataset could not be fetched from the Hugging "
-            f"Face Hub ({type(e).__name__}: {e}). To train on your own data, pass a path to a "
-            f".json, .jsonl or .parquet file of {_EXPECTED}; or use builtin:dates."
-        ) from e
-    if split not in ds:
-        raise DataError(
-            f"Hub dataset {name!r} has splits {sorted(ds)}; asked for {split!r}. Pass one of those."
-        )
-    return ds[split].to_list()
-
-
-def _read(spec: str, split: str = "train") -> tuple[list[Any], str]:
-    path = Path(spec).expanduser()
-    looks_local = path.suffix.lower() in _LOCAL_SUFFIXES or spec.startswith((".", "/", "~"))
-    if path.exists() or looks_local:
-        return _read_local(path), str(path)
-    return _read_hub(spec, split), f"hub dataset {spec!r} split {split!r}"
 
 
 def holdout_split(
@@ -205,23 +144,53 @@ def holdout_split(
     return train, [r for i, r in enumerate(records) if i in held]
 
 
+def _read_all(spec: str, *, split: str, config: str | None, field_map: Mapping[str, str]) -> list[Record]:
+    """Reads and normalises `spec` (datasets separated by commas, concatenated in order)."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise DataError(f"--dataset={spec!r} names no dataset; pass a file, a folder, a hub name or builtin:<task>.")
+    read = [sources.read(p, split, config) for p in parts]
+    if field_map:
+        present = set()
+        for raw, _ in read:
+            present |= set().union(*(r.keys() for r in raw if isinstance(r, Mapping)))
+        names = " and ".join(source for _, source in read)
+        formats.apply_field_map([dict.fromkeys(present)], field_map, source=names)  # raises on an unknown field
+        read = [([{field_map.get(k, k): v for k, v in r.items()} if isinstance(r, Mapping) else r for r in raw],
+                 source) for raw, source in read]
+    out: list[Record] = []
+    for raw, source in read:
+        out += normalize_records(raw, source=source)
+    return out
+
+
 def load_records(
     spec: str,
     *,
     eval_split: float | str | None = None,
     eval_dataset: str | None = None,
     seed: int = 0,
+    split: str = "train",
+    config: str | None = None,
+    text_field: str = "text",
+    field_map: Mapping[str, str] | None = None,
 ) -> tuple[list[Record], list[Record]]:
-    """Loads (train, eval) normalised records `{"messages", "target", ...}`.
+    """Loads (train, eval) normalised records (`normalize_records`).
 
-    `spec` is `builtin:<task>` (a task from `jaxpeft.data.tasks`, with its own disjoint eval
-    split), a local .json (list or JSON lines) / .jsonl / .parquet file, or a Hugging Face Hub
-    dataset name. `eval_split` is a fraction of `spec` held out by a shuffle seeded with `seed`,
-    or a split name for hub datasets; `eval_dataset` is a separate file or dataset. With neither,
-    a local or hub dataset has an empty eval list.
+    `spec` is `builtin:<task>` (a task from `jaxpeft.data.tasks`, with its own disjoint eval split), a local
+    .json (list or JSON lines) / .jsonl / .parquet / .csv file, a `datasets.save_to_disk` folder, a Hugging
+    Face Hub dataset name (`config`: its configuration), or several of those separated by commas
+    (concatenated in order). `split` is the split to train on (Hub datasets and saved DatasetDicts).
+    `eval_split` is a fraction held out by a shuffle seeded with `seed`, or a split name; `eval_dataset` is
+    a separate file or dataset. With neither, the eval list is empty. `field_map` renames fields before the
+    formats are recognised (`{"question": "prompt"}`); `text_field` is the text column of `text` records.
     """
     if eval_split is not None and eval_dataset is not None:
         raise ConfigError("Pass eval_split or eval_dataset, not both.")
+    field_map = dict(field_map or {})
+    if text_field != "text":
+        field_map.setdefault(text_field, "text")
+    read = dict(split=split, config=config, field_map=field_map)
     if spec.startswith("builtin:"):
         task = tasks.get_task(spec.removeprefix("builtin:"))
         if eval_split is not None:
@@ -234,19 +203,18 @@ def load_records(
         if ev is not None:
             return train, normalize_records(ev, source=f"{spec} (eval)")
     else:
-        if isinstance(eval_split, str) and Path(spec).suffix.lower() in _LOCAL_SUFFIXES:
+        files = [p for p in spec.split(",") if sources.is_local(p.strip())]
+        if isinstance(eval_split, str) and any(not sources.is_saved_dataset(Path(p.strip()).expanduser())
+                                               for p in files):
             raise ConfigError(
                 f"eval_split={eval_split!r} names a split, but {spec} is a local file. Pass a "
                 "fraction (e.g. 0.05) or eval_dataset=<path>."
             )
-        raw, source = _read(spec)
-        train = normalize_records(raw, source=source)
+        train = _read_all(spec, **read)
         if isinstance(eval_split, str):
-            raw_eval, eval_source = _read(spec, eval_split)
-            return train, normalize_records(raw_eval, source=eval_source)
+            return train, _read_all(spec, **{**read, "split": eval_split})
         if eval_split is not None:
             return holdout_split(train, float(eval_split), seed)
         if eval_dataset is None:
             return train, []
-    raw_eval, eval_source = _read(eval_dataset)
-    return train, normalize_records(raw_eval, source=eval_source)
+    return train, _read_all(eval_dataset, **read)

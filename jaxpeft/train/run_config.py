@@ -14,6 +14,13 @@ class RunConfig:
     dataset: str = DEFAULT_DATASET
     eval_split: float | str | None = None
     eval_dataset: str | None = None
+    dataset_split: str = "train"  # the split to train on (hub datasets, saved DatasetDicts)
+    dataset_config: str | None = None  # the hub dataset's configuration / subset
+    dataset_text_field: str = "text"  # the column of `text` records
+    field_map: str | None = None  # "yours:theirs,..." renames record fields before formats are recognised
+    train_on: str | None = None  # which tokens are targets (jaxpeft.data.targets); None: each format's default
+    chat_template: str | None = None  # a Jinja file replacing the tokenizer's chat template
+    truncation: str = "prompt_left"  # prompt_left | right | drop (jaxpeft.data.encode)
     steps: int = 200
     batch_size: int = 8
     grad_accum: int = 1

@@ -35,7 +35,8 @@ from jaxpeft.train.metrics import MetricsWriter, plot_losses
 from jaxpeft.train.run_config import RunConfig
 
 # Settings whose change alters the maths of a run, so --resume refuses them (`steps` may grow).
-MATHS_KEYS = ("model", "dataset", "eval_split", "eval_dataset", "batch_size", "grad_accum", "seq_len", "lr",
+MATHS_KEYS = ("model", "dataset", "eval_split", "eval_dataset", "dataset_split", "dataset_config",
+              "dataset_text_field", "field_map", "train_on", "chat_template", "truncation", "batch_size", "grad_accum", "seq_len", "lr",
               "warmup_steps", "weight_decay", "max_grad_norm", "dtype", "seed", "pack", "method", "method_config",
               "base_loader")
 
@@ -81,6 +82,9 @@ def prepare_out_dir(cfg: RunConfig, settings: Mapping[str, Any]) -> Path:
         if not (out / "config.json").exists():
             raise ConfigError(f"--resume needs a run folder with config.json; {out} has none. Drop --resume.")
         saved = json.loads((out / "config.json").read_text())["settings"]
+        # A setting newer than the saved run (e.g. train_on) had its default value there.
+        defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+        saved = {k: saved.get(k, defaults.get(k)) for k in MATHS_KEYS} | saved
         changed = [f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in MATHS_KEYS if saved.get(k) != settings.get(k)]
         if changed:
             raise ConfigError("--resume refuses settings that change the run's maths:\n"
