@@ -106,13 +106,19 @@ def _losses(base, option, steps=12):
     return np.asarray(losses)
 
 
-def test_remat_trains_exactly_like_no_remat(base):
-    np.testing.assert_allclose(_losses(base, "remat"), _losses(base, "fp32"), rtol=1e-6)
+@pytest.fixture(scope="module")
+def fp32_losses(base):
+    """The reference curve the option tests compare with, trained once for the module."""
+    return _losses(base, "fp32")
+
+
+def test_remat_trains_exactly_like_no_remat(base, fp32_losses):
+    np.testing.assert_allclose(_losses(base, "remat"), fp32_losses, rtol=1e-6)
 
 
 @pytest.mark.parametrize("option", ["bf16", "dropout"])
-def test_training_options_follow_the_fp32_curve(base, option):
-    reference, losses = _losses(base, "fp32"), _losses(base, option)
+def test_training_options_follow_the_fp32_curve(base, fp32_losses, option):
+    reference, losses = fp32_losses, _losses(base, option)
     assert losses[-1] < losses[0] - 0.3
     # bf16 keeps ~3 significant digits; dropout perturbs each step: both stay near the fp32 curve.
     np.testing.assert_allclose(losses, reference, rtol=0.05)
