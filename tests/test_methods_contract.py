@@ -21,7 +21,7 @@ from jaxpeft.methods.prompt import PromptConfig
 from jaxpeft.train import optim
 from jaxpeft.train.loop import TrainConfig, Trainer
 from tests import tolerances
-from tests.hf_tiny import VOCAB
+from tests.hf_tiny import FAMILY_CASES, VOCAB
 
 pytest.importorskip("torch")
 
@@ -51,9 +51,17 @@ def test_every_registered_method_is_in_the_battery():
     assert set(METHODS) == set(CONFIGS)
 
 
-@pytest.fixture(scope="module")
-def base(tiny_base):
-    return tiny_base(seed=5)[1:]
+# The battery runs on every family of the table: Llama in the default run, each other family's shared tiny
+# model (hf_tiny.FAMILY_CASES) as slow, since the battery costs ~200 s a family on 2 CPU cores.
+FAMILY_PARAMS = ["llama"] + [pytest.param(name, marks=pytest.mark.slow(reason="the battery on another family: ~200 s"))
+                             for name in sorted(FAMILY_CASES)]
+
+
+@pytest.fixture(scope="module", params=FAMILY_PARAMS)
+def base(request, tiny_base, family_base):
+    if request.param == "llama":
+        return tiny_base(seed=5)[1:]
+    return family_base(request.param)[1:]
 
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(3, VOCAB, (2, 9)))
@@ -67,10 +75,11 @@ _TRAINED: dict = {}
 
 
 def _trained(base, name, i, steps=3):
-    """(method, config, adapted-at-init, trained) for a case; trained once per case and shared."""
-    if (name, i) not in _TRAINED:
-        _TRAINED[(name, i)] = _train(base, name, i, steps)
-    return _TRAINED[(name, i)]
+    """(method, config, adapted-at-init, trained) for a case; trained once per (family, case) and shared."""
+    key = (base[0].config.model_type, name, i)
+    if key not in _TRAINED:
+        _TRAINED[key] = _train(base, name, i, steps)
+    return _TRAINED[key]
 
 
 def _train(base, name, i, steps):

@@ -5,6 +5,7 @@ Canonical parameter tree (`params` below; the Flax variables are `{"params": par
     model/embed_tokens/embedding                 (V, D)      HF model.embed_tokens.weight
     model/layers/<i>/input_layernorm/weight      (D,)        HF model.layers.<i>.input_layernorm.weight
     model/layers/<i>/self_attn/{q,k,v,o}_proj/kernel (I, O)  HF ....weight transposed; q/k/v `bias` (Qwen2)
+    model/layers/<i>/self_attn/{q,k}_norm/weight (E,)        Qwen3 only (config.qk_norm)
     model/layers/<i>/post_attention_layernorm/weight (D,)
     model/layers/<i>/mlp/{gate,up,down}_proj/kernel  (I, O)
     model/norm/weight                             (D,)
@@ -31,11 +32,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.models import hooks, ops
-from jaxpeft.models.causal_lm import Cache, CausalLM
+from jaxpeft.models.causal_lm import Cache, CausalLM, write_cache
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.layers import Embed, Linear, RMSNorm
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+QK_NORMS = ("q_norm", "k_norm")
 LAYER_MODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
@@ -52,19 +54,17 @@ class Attention(nn.Module):
         dense = lambda n, f, bias: Linear(  # noqa: E731
             f, bias, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic, name=n
         )
-        hooks.check_known("attention", list(self.variables.get("params", {})), ATTENTION_MODULES)
+        own = ATTENTION_MODULES + (QK_NORMS if c.qk_norm else ())
+        hooks.check_known("attention", list(self.variables.get("params", {})), own)
         b, s, _ = x_BxSxD.shape
         q = dense("q_proj", c.q_dim, c.attention_bias)(x_BxSxD).reshape(b, s, c.num_attention_heads, c.head_dim)
         k = dense("k_proj", c.kv_dim, c.attention_bias)(x_BxSxD).reshape(b, s, c.num_key_value_heads, c.head_dim)
         v = dense("v_proj", c.kv_dim, c.attention_bias)(x_BxSxD).reshape(b, s, c.num_key_value_heads, c.head_dim)
+        if c.qk_norm:  # Qwen3: one RMSNorm over each head's E features, before RoPE
+            q = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        new_cache = None
-        if layer_cache is not None:
-            index = layer_cache["index"]
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, index, 0, 0))
-            new_cache = {"k": k, "v": v}
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        k, v, new_cache = write_cache(layer_cache, k, v, self.dtype)
         out = ops.attention(q, k, v, allowed_BxSxT, self.dtype)
         return dense("o_proj", c.hidden_size, c.o_proj_bias)(out), new_cache
 
@@ -128,12 +128,13 @@ class LlamaModel(nn.Module):
                                    self.remat)
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
 
-    def __call__(self, input_ids_BxS, positions_BxS, allowed_BxSxT, cache: Cache | None, embeds_BxSxD=None):
-        # `embeds_BxSxD` replaces the token embeddings (prompt tuning's virtual tokens).
+    def __call__(self, input_ids_BxS, positions_BxS, allowed, cache: Cache | None, embeds_BxSxD=None):
+        # `embeds_BxSxD` replaces the token embeddings (prompt tuning's virtual tokens); `allowed` is
+        # causal_lm.layer_masks' {window: mask}.
         h = self.embed_tokens(input_ids_BxS) if embeds_BxSxD is None else embeds_BxSxD.astype(self.dtype)
         inv_freq = rope_inv_freq(self.config, positions_BxS)
         cos, sin = ops.rope_cos_sin(positions_BxS, inv_freq, self.dtype)
-        h, new_layers = self.layers(h, cos, sin, allowed_BxSxT, cache)
+        h, new_layers = self.layers(h, cos, sin, allowed, cache)
         return self.norm(h), new_layers
 
 
@@ -148,16 +149,17 @@ class DecoderStack(nn.Module):
     remat: bool
 
     @nn.compact
-    def __call__(self, h, cos, sin, allowed_BxSxT, cache):
+    def __call__(self, h, cos, sin, allowed, cache):
         layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         new_layers = {}
+        windows = self.config.layer_windows()
         for i in range(self.config.num_hidden_layers):
             layer_cache = None
             if cache is not None:
                 layer_cache = {**cache["layers"][str(i)], "index": cache["index"]}
             layer = layer_cls(self.config, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
                               name=str(i))
-            h, new_layers[str(i)] = layer(h, cos, sin, allowed_BxSxT, layer_cache)
+            h, new_layers[str(i)] = layer(h, cos, sin, allowed[windows[i]], layer_cache)
         return h, new_layers
 
 

@@ -76,6 +76,23 @@ def silu(x: jax.Array) -> jax.Array:
     return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
 
 
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU with the tanh approximation (torch's gelu(approximate="tanh"), Gemma's GeGLU), in fp32."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma 2's attention and final-logit soft-capping)."""
+    return jnp.tanh(x / cap) * cap
+
+
+def offset_rms_norm(x_BxSxD: jax.Array, weight_D: jax.Array, eps: float, dtype: Any) -> jax.Array:
+    """Gemma's RMSNorm: normalise and scale by (1 + w) in fp32, cast back once."""
+    x32 = x_BxSxD.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(var + eps) * (1.0 + weight_D.astype(jnp.float32))).astype(dtype)
+
+
 def rms_norm(x_BxSxD: jax.Array, weight_D: jax.Array, eps: float, dtype: Any) -> jax.Array:
     """HF Llama RMSNorm: normalise in fp32, cast back, then scale."""
     x32 = x_BxSxD.astype(jnp.float32)
@@ -103,14 +120,22 @@ def attention(
     v_BxTxKxE: jax.Array,
     allowed_BxSxT: jax.Array,
     dtype: Any,
+    *,
+    scale: float | None = None,
+    logit_cap: float | None = None,
 ) -> jax.Array:
-    """Grouped-query softmax attention; `allowed` is the boolean mask (causal, padding, window)."""
+    """Grouped-query softmax attention; `allowed` is the boolean mask (causal, padding, window).
+
+    `scale` multiplies the scores (default E ** -0.5); `logit_cap` soft-caps them before the mask (Gemma 2)."""
     b, s, h, e = q_BxSxHxE.shape
     k = k_BxTxKxE.shape[2]
     q = q_BxSxHxE.reshape(b, s, k, h // k, e)
     # Scores and the weighted sum accumulate in fp32 and are not rounded to a bf16 `dtype` before the
     # softmax (as torch's CPU and flash SDPA kernels do); only the probabilities and the output are.
-    scores = jnp.einsum("bskge,btke->bkgst", q, k_BxTxKxE, preferred_element_type=jnp.float32) * (e ** -0.5)
+    scores = jnp.einsum("bskge,btke->bkgst", q, k_BxTxKxE, preferred_element_type=jnp.float32) * (
+        e ** -0.5 if scale is None else scale)
+    if logit_cap is not None:
+        scores = softcap(scores, logit_cap)
     scores = jnp.where(allowed_BxSxT[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgst,btke->bskge", probs, v_BxTxKxE, preferred_element_type=jnp.float32).astype(dtype)

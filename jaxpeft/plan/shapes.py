@@ -1,8 +1,9 @@
-"""Model shapes for the memory planner: the Llama-2 presets, HF `config.json` folders, and the article's table.
+"""Model shapes for the memory planner: the presets, HF `config.json` folders, and the article's table.
 
-A plan needs shapes only, so a model is a `LlamaConfig` (no weights are read). The presets are the
-published Llama-2 configurations (vocab 32000, untied embeddings, SwiGLU; 70B uses grouped-query
-attention with 8 kv heads and intermediate size 28672).
+A plan needs shapes only, so a model is its family's config (no weights are read). The presets are the
+published configurations: Llama-2 (vocab 32000, untied embeddings, SwiGLU; 70B uses grouped-query
+attention with 8 kv heads and intermediate size 28672), Llama-3 8B/70B, Qwen3-8B
+(tests/test_families.py checks each preset's parameter count against transformers').
 """
 
 from __future__ import annotations
@@ -22,10 +23,29 @@ def _llama2(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: i
                        head_dim=hidden // heads, max_position_embeddings=4096)
 
 
+def _llama3(hidden: int, layers: int, heads: int) -> LlamaConfig:
+    """Meta-Llama-3-8B / -70B: vocab 128256, 8 kv heads, RoPE theta 500000, context 8192."""
+    return LlamaConfig(vocab_size=128256, hidden_size=hidden, intermediate_size={4096: 14336, 8192: 28672}[hidden],
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=8,
+                       head_dim=hidden // heads, rope_theta=500000.0, max_position_embeddings=8192)
+
+
+def _qwen3_8b() -> LlamaConfig:
+    """Qwen/Qwen3-8B: head_dim 128 with 32 heads over hidden 4096, 8 kv heads, untied, q/k norms."""
+    from jaxpeft.models.qwen3 import Qwen3Config
+
+    return Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, max_position_embeddings=40960)
+
+
 PRESETS: dict[str, LlamaConfig] = {
     "llama-7b": _llama2(4096, 11008, 32, 32, 32),
     "llama-13b": _llama2(5120, 13824, 40, 40, 40),
     "llama-70b": _llama2(8192, 28672, 80, 64, 8),
+    "llama-3-8b": _llama3(4096, 32, 32),
+    "llama-3-70b": _llama3(8192, 80, 64),
+    "qwen3-8b": _qwen3_8b(),
 }
 
 # The seed article's memory table (REFERENCE.md), in GB; None where the article gives no figure.

@@ -1,0 +1,51 @@
+"""The multi-device loss curves of tests/sharding_cases.py for one tiny model of each other family, run in one
+subprocess with 8 fake CPU devices (the caller sets XLA_FLAGS). `python -m tests.family_sharding_cases qwen3`
+prints {layout: {"loss": [...], "grad_norm": [...]}} as JSON for LoRA on every linear of that family.
+
+Sizes every mesh axis divides (4 heads, 2 kv heads, hidden 48), head_dim 16 != 48 / 4 so a split on the wrong
+width cannot hide; the family's own features (q/k norms, windows) are on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpeft.models.families import build_model
+from tests.sharding_cases import adapted, batches, trainer
+
+LAYOUTS = {"one_device": None, "data": "data:8", "fsdp": "fsdp:8", "tensor": "tensor:2",
+           "mixed": "data:2,fsdp:2,tensor:2"}
+SHAPES = dict(vocab_size=72, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+
+
+def family_config(name: str):
+    if name == "qwen3":
+        from jaxpeft.models.qwen3 import Qwen3Config
+
+        return Qwen3Config(**SHAPES, sliding_window=5, layer_types=("full_attention", "sliding_attention"))
+    raise KeyError(f"no multi-device case for family {name!r}")
+
+
+def main(name: str) -> None:
+    assert jax.device_count() == 8, f"expected 8 fake devices, got {jax.device_count()}"
+    model = build_model(family_config(name))
+    params = jax.tree.map(np.asarray, jax.jit(lambda k: model.init(k, jnp.zeros((1, 12), jnp.int32))["params"])(
+        jax.random.PRNGKey(0)))
+    tree, labels = adapted(params, False)
+    data = batches()
+    curves = {}
+    for layout_name, layout in LAYOUTS.items():
+        t = trainer(model, tree, labels, layout, grad_accum=2 if layout_name == "mixed" else 1)
+        records = [t.train_step(b) for b in data]
+        curves[layout_name] = {k: [float(r[k]) for r in records] for k in ("loss", "grad_norm")}
+    json.dump(curves, sys.stdout)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
