@@ -29,6 +29,13 @@ def family_config(name: str):
         from jaxpeft.models.qwen3 import Qwen3Config
 
         return Qwen3Config(**SHAPES, sliding_window=5, layer_types=("full_attention", "sliding_attention"))
+    if name in ("gemma2", "gemma3_text"):
+        from jaxpeft.models.gemma import GemmaConfig
+
+        return GemmaConfig(**SHAPES, model_type=name, sliding_window=5, qk_norm=name == "gemma3_text",
+                           layer_types=("sliding_attention", "full_attention"), query_pre_attn_scalar=10.0,
+                           attn_logit_softcapping=0.05 if name == "gemma2" else None, final_logit_softcapping=0.5,
+                           local_rope_theta=500.0)
     raise KeyError(f"no multi-device case for family {name!r}")
 
 

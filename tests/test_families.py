@@ -136,6 +136,34 @@ def test_hf_folders_both_ways(family_base, name, tmp_path):
     chex.assert_trees_all_close(hf_logits(again, IDS), _logits(model, params), **tolerances.LOGITS_FP32)
 
 
+def test_the_text_part_of_a_gemma3_checkpoint_loads_and_the_vision_tower_is_skipped(family_base, tmp_path, caplog):
+    """A tiny Gemma3ForConditionalGeneration (its language model the shared gemma3_text case): from_pretrained
+    gives its text-only logits (which transformers computes without the final soft cap)."""
+    import transformers
+
+    hf_text, _, _ = family_base("gemma3_text")
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=20, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=hf_text.config.to_dict(), vision_config=vision.to_dict(),
+                                       mm_tokens_per_image=4, image_token_index=60, boi_token_index=58,
+                                       eoi_token_index=59)
+    torch.manual_seed(0)
+    mm = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for pname, p in mm.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(0.1 * torch.randn_like(p))
+    mm.save_pretrained(tmp_path / "mm")
+    with caplog.at_level(logging.INFO):
+        model, params, _ = from_pretrained(str(tmp_path / "mm"), load_tokenizer=False)
+    assert model.config.model_type == "gemma3_text" and model.config.final_logit_softcapping is None
+    assert any("vision tower" in r.getMessage() for r in caplog.records)
+    ids = np.random.default_rng(2).integers(3, 57, (2, 11))  # no image tokens
+    with torch.no_grad():
+        theirs = mm(input_ids=torch.tensor(ids)).logits.numpy()
+    chex.assert_trees_all_close(_logits(model, params, ids), theirs, **tolerances.LOGITS_FP32)
+
+
 def test_an_unsupported_field_is_named():
     from jaxpeft.core.errors import UnsupportedModelError
     from jaxpeft.models.families import config_from_hf
@@ -357,6 +385,10 @@ PUBLISHED = {
     "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
                      num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                      tie_word_embeddings=False),
+    "gemma-2-9b": dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+                       num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256),
+    "gemma-3-12b": dict(model_type="gemma3_text", vocab_size=262208, hidden_size=3840, intermediate_size=15360,
+                        num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8, head_dim=256),
 }
 
 
