@@ -36,6 +36,13 @@ def family_config(name: str):
                            layer_types=("sliding_attention", "full_attention"), query_pre_attn_scalar=10.0,
                            attn_logit_softcapping=0.05 if name == "gemma2" else None, final_logit_softcapping=0.5,
                            local_rope_theta=500.0)
+    if name == "phi3":
+        from jaxpeft.models.phi3 import Phi3Config
+
+        shapes = {**SHAPES, "head_dim": 12}  # hidden 48 / 4 heads, as transformers' Phi-3 derives it
+        return Phi3Config(**shapes, sliding_window=7, partial_rotary_factor=0.5, rope_type="longrope",
+                          original_max_position_embeddings=8, short_factor=(1.1, 1.3, 1.7),
+                          long_factor=(2.0, 3.0, 5.0))
     raise KeyError(f"no multi-device case for family {name!r}")
 
 

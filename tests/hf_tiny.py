@@ -12,12 +12,15 @@ FAMILY_CASES = {
     "qwen3": dict(model_type="qwen3", tied=True, sliding_window=5),
     "gemma2": dict(model_type="gemma2", tied=True, sliding_window=5),
     "gemma3_text": dict(model_type="gemma3_text", tied=True, sliding_window=5),
+    "phi3": dict(model_type="phi3", sliding_window=7),
 }
 # Extra parity-only variants (the other side of each switch: untied, biases, no window).
 FAMILY_VARIANTS = {
     "qwen3-untied-bias": dict(model_type="qwen3", bias=True),
     "gemma2-untied-bias": dict(model_type="gemma2", bias=True, sliding_window=4),
     "gemma3-untied-bias": dict(model_type="gemma3_text", bias=True, sliding_window=4),
+    "phi3-tied-plain-rope": dict(model_type="phi3", tied=True, rope=dict(rope_type="default", rope_theta=500.0,
+                                                                          partial_rotary_factor=1.0)),
 }
 
 
@@ -47,6 +50,20 @@ def tiny_hf_config(model_type: str = "llama", *, tied: bool = False, bias: bool 
                   rope_parameters=rope or {"full_attention": dict(rope_type="linear", rope_theta=1000.0, factor=2.0),
                                            "sliding_attention": dict(rope_type="default", rope_theta=10000.0)})
         return transformers.Gemma3TextConfig(**kw)
+    if model_type == "phi3":
+        # head_dim 12 (hidden 60 / 5 heads), half of it rotary; LongRoPE switching at 20 positions.
+        kw.update(hidden_size=60, sliding_window=sliding_window, max_position_embeddings=64,
+                  original_max_position_embeddings=20)
+        kw.pop("head_dim")
+        half = 3  # rotary features 6 / 2
+        if rope is None:
+            rng = np.random.default_rng(7)
+            rope = dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
+                        short_factor=(1.0 + rng.random(half)).round(3).tolist(),
+                        long_factor=(2.0 + 4 * rng.random(half)).round(3).tolist(),
+                        original_max_position_embeddings=20)
+        kw["rope_parameters"] = rope
+        return transformers.Phi3Config(**kw)
     if model_type == "qwen2":
         kw.pop("head_dim")
         return transformers.Qwen2Config(**kw)

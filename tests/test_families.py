@@ -92,7 +92,9 @@ def test_the_windows_and_caps_matter(family_base, name):
     logits: the parity above checks the windowed layers and the caps."""
     hf, model, params = family_base(name)
     windows = model.config.layer_windows()
-    assert any(windows) and not all(windows), f"{name}'s tiny case should mix windowed and full layers"
+    assert any(windows), f"{name}'s tiny case should have windowed layers"
+    if model.config.layer_types:  # a family of per-layer kinds: both kinds, so the alternation matters
+        assert not all(windows), f"{name}'s tiny case should mix windowed and full layers"
     ids = np.random.default_rng(5).integers(3, VOCAB, (1, 23))
     changes = {"window": dict(layer_types=(), sliding_window=None)}
     for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -119,6 +121,9 @@ def test_greedy_generation_matches_transformers_batched_with_left_padding(family
                           eos_token_id=None, pad_token_id=0)
     theirs = out[:, width:].tolist()
     assert generate(model, params, prompts, max_new_tokens=24) == theirs
+    recompute = model.config.generation_recompute_length()
+    if recompute is not None and model.config.rope_type == "longrope":
+        assert width < recompute + 1 < width + 24, "the generation should cross the LongRoPE switch"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -228,11 +233,14 @@ def test_our_peft_folder_loads_in_peft_with_the_same_logits(family_base, name, c
 
 
 PEFT_MADE = {
-    "lora-dora": lambda: peft.LoraConfig(task_type="CAUSAL_LM", r=3, lora_alpha=6, use_dora=True,
+    "lora-dora": lambda model_type: peft.LoraConfig(task_type="CAUSAL_LM", r=3, lora_alpha=6, use_dora=True,
                                          init_lora_weights=False, target_modules="all-linear"),
-    "ia3": lambda: peft.IA3Config(task_type="CAUSAL_LM"),  # PEFT's own default targets for the family
-    "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
-    "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    # PEFT's own default targets for the family (ours where PEFT has none: Phi-3)
+    "ia3": lambda model_type: peft.IA3Config(task_type="CAUSAL_LM", **(
+        {} if model_type in peft.utils.constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+        else {k: list(v) for k, v in default_targets(model_type, "ia3").items()})),
+    "prefix": lambda model_type: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    "prompt": lambda model_type: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
 }
 
 
@@ -243,7 +251,7 @@ def test_peft_made_adapter_loads_with_the_same_logits(family_base, name, case, t
 
     hf, model, params = family_base(name)
     torch.manual_seed(3)
-    pm = peft.get_peft_model(copy.deepcopy(hf), PEFT_MADE[case]())
+    pm = peft.get_peft_model(copy.deepcopy(hf), PEFT_MADE[case](model.config.model_type))
     with torch.no_grad():  # move IA3 scales and DoRA magnitudes off their identity values
         for pname, p in pm.named_parameters():
             if "ia3_l" in pname or "lora_magnitude_vector" in pname:
@@ -389,6 +397,8 @@ PUBLISHED = {
                        num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256),
     "gemma-3-12b": dict(model_type="gemma3_text", vocab_size=262208, hidden_size=3840, intermediate_size=15360,
                         num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8, head_dim=256),
+    "phi-3-mini": dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
 }
 
 

@@ -47,6 +47,30 @@ CONFIGS = {
 CASES = [(name, i) for name in sorted(CONFIGS) for i in range(len(CONFIGS[name]))]
 
 
+def config_for(model_config, name: str, i: int):
+    """CONFIGS[name][i] in the family's own module names: Phi-3's fused gate_up_proj for gate_proj, each family's
+    default IA3 targets for IA3's defaults, and no saved lm_head where the head is tied (there is none)."""
+    import dataclasses
+
+    from jaxpeft.models.families import FAMILIES, default_targets
+
+    cfg = CONFIGS[name][i]
+    if model_config.model_type == "llama":
+        return cfg
+    names = {p.short for p in FAMILIES[model_config.model_type].linears}
+    rename = lambda t: t if t in names else t.replace("gate_proj", "gate_up_proj")  # noqa: E731
+    if isinstance(cfg, LoraConfig):
+        targets = cfg.target_modules
+        if not isinstance(targets, str):
+            targets = tuple(dict.fromkeys(rename(t) for t in targets))
+        saved = () if model_config.tie_word_embeddings else cfg.modules_to_save
+        patterns = {rename(k): v for k, v in cfg.alpha_pattern.items()}
+        return dataclasses.replace(cfg, target_modules=targets, modules_to_save=saved, alpha_pattern=patterns)
+    if isinstance(cfg, IA3Config) and cfg == IA3Config():
+        return IA3Config(**default_targets(model_config.model_type, "ia3"))
+    return cfg
+
+
 def test_every_registered_method_is_in_the_battery():
     assert set(METHODS) == set(CONFIGS)
 
@@ -84,7 +108,7 @@ def _trained(base, name, i, steps=3):
 
 def _train(base, name, i, steps):
     model, params = base
-    method, cfg = get_method(name), CONFIGS[name][i]
+    method, cfg = get_method(name), config_for(model.config, name, i)
     adapted = method.init(jax.random.PRNGKey(i), params, cfg)
     trainer = Trainer(model, adapted, method.labels(adapted, cfg),
                       optim_cfg=optim.OptimConfig(lr=3e-2, total_steps=steps, warmup_steps=0),
@@ -99,7 +123,7 @@ def _train(base, name, i, steps):
 @pytest.mark.parametrize("name,i", CASES)
 def test_identity_at_init(base, name, i):
     model, params = base
-    method, cfg = get_method(name), CONFIGS[name][i]
+    method, cfg = get_method(name), config_for(model.config, name, i)
     if not method.identity_at_init:
         pytest.skip(f"{name} cannot equal the base at init")
     adapted = method.init(jax.random.PRNGKey(0), params, cfg)

@@ -90,6 +90,11 @@ class LlamaConfig:
         kinds = [self.layer_types[i % len(self.layer_types)] for i in range(n)]
         return tuple(self.sliding_window if k == "sliding_attention" else None for k in kinds)
 
+    def generation_recompute_length(self) -> int | None:
+        """A sequence length at which generation recomputes the whole KV cache once (as transformers' Phi-3
+        generate does when LongRoPE switches factors); None: never."""
+        return None
+
     def rope(self) -> dict[str, float]:
         return dict(self.rope_params)
 

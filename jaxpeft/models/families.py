@@ -23,7 +23,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from jaxpeft.core.errors import UnsupportedModelError
-from jaxpeft.models import gemma, qwen3
+from jaxpeft.models import gemma, phi3, qwen3
 from jaxpeft.models.config import ARCHITECTURES, LlamaConfig
 from jaxpeft.models.llama import LlamaForCausalLM
 
@@ -154,6 +154,17 @@ def _gemma(model_type: str, norms: tuple[NormPart, ...]) -> Family:
                   ia3_targets=("q_proj", "v_proj", "down_proj"))
 
 
+_PHI3_LINEARS = (
+    LinearPart("self_attn.qkv_proj", "hidden_size", "qkv_dim", "attn_qkv", ("embed", "heads"),
+               "normed x (input of qkv_proj)"),
+    LinearPart("self_attn.o_proj", "q_dim", "hidden_size", "attn_output", ("heads", "embed"),
+               "attention output (input of o_proj)"),
+    LinearPart("mlp.gate_up_proj", "hidden_size", "gate_up_dim", "ffn_up", ("embed", "mlp"),
+               "normed x (input of gate_up_proj)"),
+    LinearPart("mlp.down_proj", "intermediate_size", "hidden_size", "ffn_down", ("mlp", "embed"),
+               "silu(gate)*up (input of down_proj)"),
+)
+
 FAMILIES: dict[str, Family] = {
     "llama": _llama_like("llama", gguf_architecture="llama"),
     "mistral": _llama_like("mistral"),
@@ -163,6 +174,10 @@ FAMILIES: dict[str, Family] = {
                     ia3_targets=("q_proj", "v_proj", "down_proj")),
     "gemma2": _gemma("gemma2", _GEMMA_NORMS),
     "gemma3_text": _gemma("gemma3_text", _GEMMA_NORMS + _QK_NORMS),
+    # PEFT has no Phi-3 defaults: LoRA on the fused attention input and output, IA3 on qkv and down.
+    "phi3": Family(model_type="phi3", architecture=phi3.ARCHITECTURE, config_class=phi3.Phi3Config,
+                   module_class=phi3.Phi3ForCausalLM, linears=_PHI3_LINEARS, norms=_LLAMA_NORMS,
+                   lora_targets=("qkv_proj", "o_proj"), ia3_targets=("qkv_proj", "down_proj")),
 }
 
 

@@ -25,7 +25,7 @@ D hidden, V vocab, H/K query/kv heads, E head dim.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -88,6 +88,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """input norm, attention, residual, post-attention norm, MLP, residual; a family with other attention or MLP
+    modules (Phi-3's fused ones) subclasses it with its own `attention_cls` / `mlp_cls`."""
+
+    attention_cls: ClassVar[type] = Attention
+    mlp_cls: ClassVar[type] = MLP
     config: LlamaConfig
     dtype: Any
     param_dtype: Any
@@ -107,40 +112,16 @@ class DecoderLayer(nn.Module):
                                                              dropout=dropout)
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(h_BxSxD)
-        attn, new_cache = Attention(c, *args, name="self_attn")(x, cos, sin, allowed_BxSxT, layer_cache)
+        attn, new_cache = self.attention_cls(c, *args, name="self_attn")(x, cos, sin, allowed_BxSxT, layer_cache)
         h = residual_add("attention", h_BxSxD, attn)
         x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(h)
-        return residual_add("mlp", h, MLP(c, *args, name="mlp")(x)), new_cache
-
-
-class LlamaModel(nn.Module):
-    config: LlamaConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    remat: bool = False
-    dropout_rate: float = 0.0
-    deterministic: bool = True
-
-    def setup(self) -> None:
-        c = self.config
-        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype)
-        self.layers = DecoderStack(c, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
-                                   self.remat)
-        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
-
-    def __call__(self, input_ids_BxS, positions_BxS, allowed, cache: Cache | None, embeds_BxSxD=None):
-        # `embeds_BxSxD` replaces the token embeddings (prompt tuning's virtual tokens); `allowed` is
-        # causal_lm.layer_masks' {window: mask}.
-        h = self.embed_tokens(input_ids_BxS) if embeds_BxSxD is None else embeds_BxSxD.astype(self.dtype)
-        inv_freq = rope_inv_freq(self.config, positions_BxS)
-        cos, sin = ops.rope_cos_sin(positions_BxS, inv_freq, self.dtype)
-        h, new_layers = self.layers(h, cos, sin, allowed, cache)
-        return self.norm(h), new_layers
+        return residual_add("mlp", h, self.mlp_cls(c, *args, name="mlp")(x)), new_cache
 
 
 class DecoderStack(nn.Module):
     """The layers, named "0", "1", ... so that their paths read like HF's `model.layers.<i>`."""
 
+    layer_cls: ClassVar[type] = DecoderLayer
     config: LlamaConfig
     dtype: Any
     param_dtype: Any
@@ -150,7 +131,7 @@ class DecoderStack(nn.Module):
 
     @nn.compact
     def __call__(self, h, cos, sin, allowed, cache):
-        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        layer_cls = nn.remat(self.layer_cls) if self.remat else self.layer_cls
         new_layers = {}
         windows = self.config.layer_windows()
         for i in range(self.config.num_hidden_layers):
@@ -163,13 +144,43 @@ class DecoderStack(nn.Module):
         return h, new_layers
 
 
+class LlamaModel(nn.Module):
+    stack_cls: ClassVar[type] = DecoderStack
+    config: LlamaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    dropout_rate: float = 0.0
+    deterministic: bool = True
+
+    def setup(self) -> None:
+        c = self.config
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype)
+        self.layers = self.stack_cls(c, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
+                                   self.remat)
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
+
+    def __call__(self, input_ids_BxS, positions_BxS, allowed, cache: Cache | None, embeds_BxSxD=None):
+        # `embeds_BxSxD` replaces the token embeddings (prompt tuning's virtual tokens); `allowed` is
+        # causal_lm.layer_masks' {window: mask}.
+        h = self.embed_tokens(input_ids_BxS) if embeds_BxSxD is None else embeds_BxSxD.astype(self.dtype)
+        cos, sin = self.rope_tables(positions_BxS)
+        h, new_layers = self.layers(h, cos, sin, allowed, cache)
+        return self.norm(h), new_layers
+
+    def rope_tables(self, positions_BxS: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The (cos, sin) tables of the call's positions."""
+        return ops.rope_cos_sin(positions_BxS, rope_inv_freq(self.config, positions_BxS), self.dtype)
+
+
 class LlamaForCausalLM(CausalLM):
     """The Llama-family causal LM (the shared call, cache and head are `CausalLM`'s)."""
 
+    model_cls: ClassVar[type] = LlamaModel
     config: LlamaConfig
 
     def setup(self) -> None:
-        self.model = LlamaModel(
+        self.model = self.model_cls(
             self.config, self.dtype, self.param_dtype, self.remat, self.dropout_rate, self.deterministic
         )
         if not self.config.tie_word_embeddings:

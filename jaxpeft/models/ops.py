@@ -101,14 +101,24 @@ def rms_norm(x_BxSxD: jax.Array, weight_D: jax.Array, eps: float, dtype: Any) ->
     return weight_D.astype(dtype) * normed
 
 
-def rope_cos_sin(positions_BxS: jax.Array, inv_freq_F: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables [B, S, 2F] in the HF rotate-half layout, computed in fp32."""
+def rope_cos_sin(positions_BxS: jax.Array, inv_freq_F: jax.Array, dtype: Any,
+                 scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, S, 2F] in the HF rotate-half layout, computed in fp32 (times `scale`: LongRoPE's
+    attention factor)."""
     freqs = positions_BxS.astype(jnp.float32)[..., None] * inv_freq_F[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def apply_rope(x_BxSxHxE: jax.Array, cos_BxSxE: jax.Array, sin_BxSxE: jax.Array) -> jax.Array:
+    """Rotate-half RoPE; tables narrower than E (partial rotary, Phi-3) rotate the first features only."""
+    rotary = cos_BxSxE.shape[-1]
+    if rotary < x_BxSxHxE.shape[-1]:
+        rotated = apply_rope(x_BxSxHxE[..., :rotary], cos_BxSxE, sin_BxSxE)
+        return jnp.concatenate([rotated, x_BxSxHxE[..., rotary:]], axis=-1)
     half = x_BxSxHxE.shape[-1] // 2
     rotated = jnp.concatenate([-x_BxSxHxE[..., half:], x_BxSxHxE[..., :half]], axis=-1)
     return x_BxSxHxE * cos_BxSxE[:, :, None, :] + rotated * sin_BxSxE[:, :, None, :]

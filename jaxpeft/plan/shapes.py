@@ -2,7 +2,8 @@
 
 A plan needs shapes only, so a model is its family's config (no weights are read). The presets are the
 published configurations: Llama-2 (vocab 32000, untied embeddings, SwiGLU; 70B uses grouped-query
-attention with 8 kv heads and intermediate size 28672), Llama-3 8B/70B, Qwen3-8B, Gemma-2-9B, Gemma-3-12B (text)
+attention with 8 kv heads and intermediate size 28672), Llama-3 8B/70B, Qwen3-8B, Gemma-2-9B, Gemma-3-12B (text),
+Phi-3-mini-4k
 (tests/test_families.py checks each preset's parameter count against transformers').
 """
 
@@ -49,6 +50,15 @@ def _gemma(model_type: str, **kw) -> LlamaConfig:
                        query_pre_attn_scalar=256.0, qk_norm=model_type == "gemma3_text", layer_types=kinds, **kw)
 
 
+def _phi3_mini() -> LlamaConfig:
+    """microsoft/Phi-3-mini-4k-instruct: fused qkv_proj / gate_up_proj, 32 heads of 96, window 2047."""
+    from jaxpeft.models.phi3 import Phi3Config
+
+    return Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, head_dim=96, max_position_embeddings=4096,
+                      original_max_position_embeddings=4096, sliding_window=2047)
+
+
 PRESETS: dict[str, LlamaConfig] = {
     "llama-7b": _llama2(4096, 11008, 32, 32, 32),
     "llama-13b": _llama2(5120, 13824, 40, 40, 40),
@@ -63,6 +73,7 @@ PRESETS: dict[str, LlamaConfig] = {
     "gemma-3-12b": _gemma("gemma3_text", vocab_size=262208, hidden_size=3840, intermediate_size=15360,
                           num_hidden_layers=48, num_attention_heads=16, sliding_window=1024, rope_theta=1000000.0,
                           rope_type="linear", rope_params=(("factor", 8.0),), max_position_embeddings=131072),
+    "phi-3-mini": _phi3_mini(),
 }
 
 # The seed article's memory table (REFERENCE.md), in GB; None where the article gives no figure.
