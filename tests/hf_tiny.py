@@ -51,8 +51,9 @@ def tiny_hf_config(model_type: str = "llama", *, tied: bool = False, bias: bool 
                                            "sliding_attention": dict(rope_type="default", rope_theta=10000.0)})
         return transformers.Gemma3TextConfig(**kw)
     if model_type == "phi3":
-        # head_dim 12 (hidden 60 / 5 heads), half of it rotary; LongRoPE switching at 20 positions.
-        kw.update(hidden_size=60, sliding_window=sliding_window, max_position_embeddings=64,
+        # head_dim 12 (hidden 48 / 4 heads, as transformers derives it), half of it rotary; LongRoPE switching
+        # at 20 positions.
+        kw.update(hidden_size=48, num_attention_heads=4, sliding_window=sliding_window, max_position_embeddings=64,
                   original_max_position_embeddings=20)
         kw.pop("head_dim")
         half = 3  # rotary features 6 / 2

@@ -49,7 +49,7 @@ CASES = [(name, i) for name in sorted(CONFIGS) for i in range(len(CONFIGS[name])
 
 def config_for(model_config, name: str, i: int):
     """CONFIGS[name][i] in the family's own module names: Phi-3's fused gate_up_proj for gate_proj, each family's
-    default IA3 targets for IA3's defaults, and no saved lm_head where the head is tied (there is none)."""
+    default targets for LoRA's and IA3's defaults, and no saved lm_head where the head is tied (there is none)."""
     import dataclasses
 
     from jaxpeft.models.families import FAMILIES, default_targets
@@ -61,6 +61,8 @@ def config_for(model_config, name: str, i: int):
     rename = lambda t: t if t in names else t.replace("gate_proj", "gate_up_proj")  # noqa: E731
     if isinstance(cfg, LoraConfig):
         targets = cfg.target_modules
+        if targets == LoraConfig().target_modules:  # LoraConfig's defaults: the family's own
+            targets = default_targets(model_config.model_type, "lora")["target_modules"]
         if not isinstance(targets, str):
             targets = tuple(dict.fromkeys(rename(t) for t in targets))
         saved = () if model_config.tie_word_embeddings else cfg.modules_to_save
