@@ -374,7 +374,9 @@ def test_qlora_run_lowers_the_loss_and_its_merged_export_loads_in_transformers(n
 
     folder = tiny_model_folder(tmp_path / "model", layers=2, seed=1, family=name)
     out = tmp_path / "run"
-    run_entry("experiments.qlora", f"--model={folder}", "--rank=4", "--steps=12", "--batch_size=4",
+    targets = ",".join(default_targets(FAMILY_CASES[name]["model_type"], "lora")["target_modules"])
+    run_entry("experiments.qlora", f"--model={folder}", f"--targets={targets}", "--rank=4", "--steps=12",
+              "--batch_size=4",
               "--eval_examples=4", "--lr=3e-2", "--warmup_steps=0", "--save_every=0", f"--out={out}",
               "--save_merged", "--noprogress")
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
