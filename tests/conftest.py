@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from jaxpeft import from_transformers
-from tests.hf_tiny import tiny_hf_config, tiny_hf_model, tiny_model_folder
+from tests.hf_tiny import FAMILY_CASES, tiny_hf_config, tiny_hf_model, tiny_model_folder
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +64,17 @@ def tiny_base():
             hf = tiny_hf_model(tiny_hf_config(**config_kw), seed=seed)
             built[key] = (hf, *from_transformers(hf))
         return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_base(tiny_base):
+    """`(family) -> (hf, model, params)`: the family's one shared tiny model (`hf_tiny.FAMILY_CASES`), seed 7.
+    Read-only, as `tiny_base`'s."""
+
+    def get(family: str):
+        return tiny_base(seed=7, **FAMILY_CASES[family])
 
     return get
 

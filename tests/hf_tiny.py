@@ -6,6 +6,23 @@ import numpy as np
 
 VOCAB = 61
 
+# One shared tiny config per family beyond Llama's own (tests/conftest.py `family_base`), with the family's
+# features on; tests/test_families.py runs parity, generation, export and PEFT folders over this table.
+FAMILY_CASES = {
+    "qwen3": dict(model_type="qwen3", tied=True, sliding_window=5),
+    "gemma2": dict(model_type="gemma2", tied=True, sliding_window=5),
+    "gemma3_text": dict(model_type="gemma3_text", tied=True, sliding_window=5),
+    "phi3": dict(model_type="phi3", sliding_window=7),
+}
+# Extra parity-only variants (the other side of each switch: untied, biases, no window).
+FAMILY_VARIANTS = {
+    "qwen3-untied-bias": dict(model_type="qwen3", bias=True),
+    "gemma2-untied-bias": dict(model_type="gemma2", bias=True, sliding_window=4),
+    "gemma3-untied-bias": dict(model_type="gemma3_text", bias=True, sliding_window=4),
+    "phi3-tied-plain-rope": dict(model_type="phi3", tied=True, rope=dict(rope_type="default", rope_theta=500.0,
+                                                                          partial_rotary_factor=1.0)),
+}
+
 
 def tiny_hf_config(model_type: str = "llama", *, tied: bool = False, bias: bool = False, rope: dict | None = None,
                    layers: int = 3, sliding_window: int | None = None):
@@ -18,6 +35,36 @@ def tiny_hf_config(model_type: str = "llama", *, tied: bool = False, bias: bool 
         kw["attention_bias"] = bias
     if rope is not None:
         kw["rope_parameters"] = rope
+    if model_type == "qwen3":
+        # head_dim 12 != hidden 40 / 5 heads; layers from 1 on slide (window 5) when a window is given.
+        kw.update(head_dim=12, attention_bias=bias, use_sliding_window=sliding_window is not None,
+                  sliding_window=sliding_window, max_window_layers=1)
+        return transformers.Qwen3Config(**kw)
+    if model_type in ("gemma2", "gemma3_text"):
+        # Caps small enough that the tiny model's scores (~0.02) and logits (~1) go past them.
+        kw.update(head_dim=12, attention_bias=bias, sliding_window=sliding_window or 4096, query_pre_attn_scalar=10,
+                  attn_logit_softcapping=0.01, final_logit_softcapping=0.5)
+        if model_type == "gemma2":
+            return transformers.Gemma2Config(**kw)
+        kw.update(layer_types=["sliding_attention", "full_attention", "sliding_attention"][:layers],
+                  rope_parameters=rope or {"full_attention": dict(rope_type="linear", rope_theta=1000.0, factor=2.0),
+                                           "sliding_attention": dict(rope_type="default", rope_theta=10000.0)})
+        return transformers.Gemma3TextConfig(**kw)
+    if model_type == "phi3":
+        # head_dim 12 (hidden 48 / 4 heads, as transformers derives it), half of it rotary; LongRoPE switching
+        # at 20 positions.
+        kw.update(hidden_size=48, num_attention_heads=4, sliding_window=sliding_window, max_position_embeddings=64,
+                  original_max_position_embeddings=20)
+        kw.pop("head_dim")
+        half = 3  # rotary features 6 / 2
+        if rope is None:
+            rng = np.random.default_rng(7)
+            rope = dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
+                        short_factor=(1.0 + rng.random(half)).round(3).tolist(),
+                        long_factor=(2.0 + 4 * rng.random(half)).round(3).tolist(),
+                        original_max_position_embeddings=20)
+        kw["rope_parameters"] = rope
+        return transformers.Phi3Config(**kw)
     if model_type == "qwen2":
         kw.pop("head_dim")
         return transformers.Qwen2Config(**kw)
@@ -78,13 +125,14 @@ def tiny_tokenizer(corpus, vocab_size: int = 293):
     return tok
 
 
-def tiny_model_folder(path, *, layers: int = 2, seed: int = 0) -> str:
-    """A tiny random Llama + tokenizer saved as an HF folder: a `--model` for end-to-end runs."""
+def tiny_model_folder(path, *, layers: int = 2, seed: int = 0, family: str | None = None) -> str:
+    """A tiny random Llama (or `FAMILY_CASES[family]`) + tokenizer saved as an HF folder: a `--model` for
+    end-to-end runs."""
     from jaxpeft.data.tasks import get_task
 
     records = get_task("dates").make_split("train", 200, 0)
     tok = tiny_tokenizer([r["instruction"] + " " + r["input"] + " " + r["output"] for r in records])
-    config = tiny_hf_config(layers=layers)
+    config = tiny_hf_config(layers=layers, **(FAMILY_CASES[family] if family else {}))
     config.vocab_size = len(tok)
     config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
     model = tiny_hf_model(config, seed=seed)

@@ -21,7 +21,7 @@ from jaxpeft.methods.prompt import PromptConfig
 from jaxpeft.train import optim
 from jaxpeft.train.loop import TrainConfig, Trainer
 from tests import tolerances
-from tests.hf_tiny import VOCAB
+from tests.hf_tiny import FAMILY_CASES, VOCAB
 
 pytest.importorskip("torch")
 
@@ -47,13 +47,47 @@ CONFIGS = {
 CASES = [(name, i) for name in sorted(CONFIGS) for i in range(len(CONFIGS[name]))]
 
 
+def config_for(model_config, name: str, i: int):
+    """CONFIGS[name][i] in the family's own module names: Phi-3's fused gate_up_proj for gate_proj, each family's
+    default targets for LoRA's and IA3's defaults, and no saved lm_head where the head is tied (there is none)."""
+    import dataclasses
+
+    from jaxpeft.models.families import FAMILIES, default_targets
+
+    cfg = CONFIGS[name][i]
+    if model_config.model_type == "llama":
+        return cfg
+    names = {p.short for p in FAMILIES[model_config.model_type].linears}
+    rename = lambda t: t if t in names else t.replace("gate_proj", "gate_up_proj")  # noqa: E731
+    if isinstance(cfg, LoraConfig):
+        targets = cfg.target_modules
+        if targets == LoraConfig().target_modules:  # LoraConfig's defaults: the family's own
+            targets = default_targets(model_config.model_type, "lora")["target_modules"]
+        if not isinstance(targets, str):
+            targets = tuple(dict.fromkeys(rename(t) for t in targets))
+        saved = () if model_config.tie_word_embeddings else cfg.modules_to_save
+        patterns = {rename(k): v for k, v in cfg.alpha_pattern.items()}
+        return dataclasses.replace(cfg, target_modules=targets, modules_to_save=saved, alpha_pattern=patterns)
+    if isinstance(cfg, IA3Config) and cfg == IA3Config():
+        return IA3Config(**default_targets(model_config.model_type, "ia3"))
+    return cfg
+
+
 def test_every_registered_method_is_in_the_battery():
     assert set(METHODS) == set(CONFIGS)
 
 
-@pytest.fixture(scope="module")
-def base(tiny_base):
-    return tiny_base(seed=5)[1:]
+# The battery runs on every family of the table: Llama in the default run, each other family's shared tiny
+# model (hf_tiny.FAMILY_CASES) as slow, since the battery costs ~200 s a family on 2 CPU cores.
+FAMILY_PARAMS = ["llama"] + [pytest.param(name, marks=pytest.mark.slow(reason="the battery on another family: ~200 s"))
+                             for name in sorted(FAMILY_CASES)]
+
+
+@pytest.fixture(scope="module", params=FAMILY_PARAMS)
+def base(request, tiny_base, family_base):
+    if request.param == "llama":
+        return tiny_base(seed=5)[1:]
+    return family_base(request.param)[1:]
 
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(3, VOCAB, (2, 9)))
@@ -67,15 +101,16 @@ _TRAINED: dict = {}
 
 
 def _trained(base, name, i, steps=3):
-    """(method, config, adapted-at-init, trained) for a case; trained once per case and shared."""
-    if (name, i) not in _TRAINED:
-        _TRAINED[(name, i)] = _train(base, name, i, steps)
-    return _TRAINED[(name, i)]
+    """(method, config, adapted-at-init, trained) for a case; trained once per (family, case) and shared."""
+    key = (base[0].config.model_type, name, i)
+    if key not in _TRAINED:
+        _TRAINED[key] = _train(base, name, i, steps)
+    return _TRAINED[key]
 
 
 def _train(base, name, i, steps):
     model, params = base
-    method, cfg = get_method(name), CONFIGS[name][i]
+    method, cfg = get_method(name), config_for(model.config, name, i)
     adapted = method.init(jax.random.PRNGKey(i), params, cfg)
     trainer = Trainer(model, adapted, method.labels(adapted, cfg),
                       optim_cfg=optim.OptimConfig(lr=3e-2, total_steps=steps, warmup_steps=0),
@@ -90,7 +125,7 @@ def _train(base, name, i, steps):
 @pytest.mark.parametrize("name,i", CASES)
 def test_identity_at_init(base, name, i):
     model, params = base
-    method, cfg = get_method(name), CONFIGS[name][i]
+    method, cfg = get_method(name), config_for(model.config, name, i)
     if not method.identity_at_init:
         pytest.skip(f"{name} cannot equal the base at init")
     adapted = method.init(jax.random.PRNGKey(0), params, cfg)

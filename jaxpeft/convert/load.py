@@ -29,7 +29,7 @@ from jaxpeft.core.errors import CheckpointError
 from jaxpeft.core.targets import match_targets
 from jaxpeft.core.tree import unflatten_params
 from jaxpeft.models.config import LlamaConfig
-from jaxpeft.models.families import build_model, config_from_hf, family_of
+from jaxpeft.models.families import build_model, config_from_hf, family_of, text_part
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -112,8 +112,14 @@ def from_pretrained(
     hf = read_config_json(folder)
     if "quantization_config" in hf:
         split_quantization_config(hf)  # raises the clear error for a quantizer we do not read
+    hf, rename = text_part(hf)  # a multimodal checkpoint (gemma3): its language model only
     config = config_from_hf(hf)
     state = read_hf_weights(folder, allow_pickle=allow_pickle)
+    if rename is not None:
+        if not isinstance(state, Checkpoint):
+            raise CheckpointError(f"{folder}: the text part of a {config.model_type} checkpoint is read from "
+                                  "safetensors only; convert the pickle weights first.")
+        state = state.renamed(rename(list(state)))
     stored = config_dtype(hf) or (state.float_dtype() if isinstance(state, Checkpoint) else None) or "float32"
     param_name = dtypes.resolve(param_dtype, stored)
     compute_name = dtypes.resolve(dtype, param_name)

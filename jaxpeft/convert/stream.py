@@ -17,6 +17,7 @@ tensors and GB.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -92,11 +93,23 @@ class Checkpoint(Mapping[str, np.ndarray]):
                 self.info[name] = TensorInfo(path, tuple(int(d) for d in h["shape"]), h["dtype"])
         self.requested = 0  # bytes of tensor data asked for (whole tensors and slices)
         self.requests: list[tuple[str, tuple, int]] = []  # (name, index, bytes) of every read_slice
+        self.source: dict[str, str] = {}  # name -> its name in the file, where `renamed` changed it
+
+    def renamed(self, names: Mapping[str, str | None]) -> "Checkpoint":
+        """The same files seen under new names: `names[old]` is the new name, None leaves the tensor out
+        (e.g. a vision tower); a name not in `names` keeps its own."""
+        view = copy.copy(self)
+        view.info, view.source = {}, {}
+        for old, info in self.info.items():
+            new = names.get(old, old)
+            if new is not None:
+                view.info[new], view.source[new] = info, self.source.get(old, old)
+        return view
 
     def __getitem__(self, name: str) -> np.ndarray:
         info = self.info[name]
         with self._open(info.file) as f:
-            array = f.get_tensor(name)
+            array = f.get_tensor(self.source.get(name, name))
         self.requested += array.nbytes
         return array
 
@@ -104,7 +117,8 @@ class Checkpoint(Mapping[str, np.ndarray]):
         """`checkpoint[name][index]`, reading only those elements."""
         info = self.info[name]
         with self._open(info.file) as f:
-            array = f.get_slice(name)[index] if index else f.get_tensor(name)
+            stored = self.source.get(name, name)
+            array = f.get_slice(stored)[index] if index else f.get_tensor(stored)
         array = np.asarray(array)
         self.requested += array.nbytes
         self.requests.append((name, index, array.nbytes))

@@ -52,6 +52,13 @@ def match_targets(
             re.compile(targets)
         except re.error as e:
             raise ConfigError(f"target regex {targets!r} does not compile: {e}") from e
+    if not isinstance(targets, str):  # a listed name must name a module (PEFT would ignore a typo silently)
+        absent = [t for t in targets if not any(name_matches(n, [t]) for n in modules)]
+        if absent:
+            suffixes = sorted({n.split(".")[-1] for n in modules})
+            raise ConfigError(
+                f"target modules {absent} match no linear module of this model. Linear module names end in:\n"
+                f"{bullet_list(suffixes)}\nName those suffixes, full dotted names, a regex, or 'all-linear'.")
     chosen = []
     for name, path in sorted(modules.items()):
         if not name_matches(name, targets) or name_matches(name, list(exclude)):

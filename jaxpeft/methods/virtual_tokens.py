@@ -48,6 +48,10 @@ def base_shapes(params: Mapping) -> dict[str, int]:
     """Shapes of the base model read off the tree: layers L, hidden D, kv width K*E, vocab V."""
     model = params["model"]
     layers = model["layers"]
-    kv_width = kernel_shape(layers["0"]["self_attn"]["k_proj"])[1]
+    attn = layers["0"]["self_attn"]
+    if "k_proj" in attn:
+        kv_width = kernel_shape(attn["k_proj"])[1]
+    else:  # fused q, k, v (Phi-3's qkv_proj): K*E = (its width - the query width o_proj reads) / 2
+        kv_width = (kernel_shape(attn["qkv_proj"])[1] - kernel_shape(attn["o_proj"])[0]) // 2
     vocab, hidden = np.shape(model["embed_tokens"]["embedding"])
     return {"layers": len(layers), "hidden": int(hidden), "kv_width": int(kv_width), "vocab": int(vocab)}

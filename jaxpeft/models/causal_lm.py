@@ -1,9 +1,10 @@
 """What every decoder-only causal LM shares: masks, positions, the KV cache, virtual tokens, the head.
 
 A family subclasses `CausalLM` and builds, in `setup`, two things:
-    self.model   the decoder body: `model(input_ids_BxS, positions_BxS, allowed_BxSxT, cache, embeds_BxSxD=None)`
+    self.model   the decoder body: `model(input_ids_BxS, positions_BxS, allowed, cache, embeds_BxSxD=None)`
                  -> (final hidden states (B, S, D), {layer name: {"k", "v"}} the new cache layers);
-                 `embeds_BxSxD` replaces the token embeddings, `input_ids` may then be None.
+                 `embeds_BxSxD` replaces the token embeddings, `input_ids` may then be None; `allowed` is
+                 `layer_masks`' {window: (B, S, T) mask}, layer i reading `allowed[config.layer_windows()[i]]`.
     self.lm_head a Linear, unless the config ties the embeddings (then `self.model.embed_tokens.attend`).
 Everything else is here, once: default positions that skip left padding, the causal / padding / window /
 segment mask, the cache's slots and write index, and virtual tokens. Virtual tokens (a registered
@@ -59,7 +60,7 @@ class CausalLM(nn.Module):
         if cache is None:
             if positions_BxS is None:
                 positions_BxS = default_positions(attention_mask_BxS)
-            allowed = causal_mask(attention_mask_BxS, segment_ids_BxS, self.config.sliding_window, 0, s)
+            allowed = layer_masks(self.config, attention_mask_BxS, segment_ids_BxS, 0, s)
         else:
             if virtual and cache.get("virtual", jnp.zeros((0,))).shape != (virtual,):
                 raise ValueError(f"the parameters carry {virtual} virtual tokens (prompt/prefix tuning) but the cache "
@@ -73,10 +74,11 @@ class CausalLM(nn.Module):
                 positions_BxS = jax.lax.dynamic_slice_in_dim(counted, index, s, axis=1)
             elif virtual:
                 positions_BxS = positions_BxS + virtual  # as PEFT: given positions count after the virtual tokens
-            allowed = causal_mask(key_mask, None, self.config.sliding_window, index, s)
+            allowed = layer_masks(self.config, key_mask, None, index, s)
             if own_cache and segment_ids_BxS is not None:  # packed rows: every segment sees the virtual tokens
                 same = segment_ids_BxS[:, :, None] == segment_ids_BxS[:, None, :]
-                allowed = jnp.concatenate([allowed[:, :, :virtual], allowed[:, :, virtual:] & same], axis=2)
+                allowed = {w: jnp.concatenate([a[:, :, :virtual], a[:, :, virtual:] & same], axis=2)
+                           for w, a in allowed.items()}
         hidden, new_layers = self.model(input_ids_BxS, positions_BxS, allowed, cache)
         new_cache = None
         if cache is not None and not own_cache:
@@ -112,7 +114,7 @@ class CausalLM(nn.Module):
         c = self.config
         embeds_1xPxD = jnp.asarray(embeds_PxD)[None]
         p = embeds_1xPxD.shape[1]
-        allowed = causal_mask(jnp.ones((1, p), jnp.int32), None, c.sliding_window, 0, p)
+        allowed = layer_masks(c, jnp.ones((1, p), jnp.int32), None, 0, p)
         cache = init_cache(c, 1, p, self.dtype)
         _, layers = self.model(None, jnp.arange(p, dtype=jnp.int32)[None], allowed, cache, embeds_1xPxD)
         return [(layers[str(i)]["k"][0], layers[str(i)]["v"][0]) for i in range(c.num_hidden_layers)]
@@ -127,6 +129,23 @@ class CausalLM(nn.Module):
 def default_positions(attention_mask_BxS: jax.Array) -> jax.Array:
     """Positions that count real tokens only, so left-padded rows start at 0 (as HF generate does)."""
     return jnp.maximum(jnp.cumsum(attention_mask_BxS, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def write_cache(layer_cache: Cache | None, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array, dtype: Any):
+    """(keys, values) to attend over and the layer's new cache: without a cache the call's own; with one, this
+    call's keys and values written at the cache index and the whole cache read back in `dtype`."""
+    if layer_cache is None:
+        return k_BxSxKxE, v_BxSxKxE, None
+    index = layer_cache["index"]
+    k = jax.lax.dynamic_update_slice(layer_cache["k"], k_BxSxKxE.astype(layer_cache["k"].dtype), (0, index, 0, 0))
+    v = jax.lax.dynamic_update_slice(layer_cache["v"], v_BxSxKxE.astype(layer_cache["v"].dtype), (0, index, 0, 0))
+    return k.astype(dtype), v.astype(dtype), {"k": k, "v": v}
+
+
+def layer_masks(config: Any, key_mask_BxT, segment_ids_BxS, offset, s) -> dict[int | None, jax.Array]:
+    """{window: `causal_mask`} for each distinct attention window of the layers (`config.layer_windows()`);
+    layer i attends with `masks[config.layer_windows()[i]]`."""
+    return {w: causal_mask(key_mask_BxT, segment_ids_BxS, w, offset, s) for w in dict.fromkeys(config.layer_windows())}
 
 
 def causal_mask(key_mask_BxT, segment_ids_BxS, window, offset, s) -> jax.Array:

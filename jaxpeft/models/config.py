@@ -65,6 +65,10 @@ class LlamaConfig:
     attention_bias: bool = False  # biases on q, k, v (Qwen2; Llama's attention_bias)
     o_proj_bias: bool = False  # bias on o_proj too (Llama's attention_bias; Qwen2 has none)
     sliding_window: int | None = None
+    # Per-layer attention kinds ("full_attention" / "sliding_attention"), repeated when shorter than the layers;
+    # empty: every layer uses `sliding_window` (None: full attention). Families with mixed layers set it.
+    layer_types: tuple[str, ...] = ()
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -77,6 +81,19 @@ class LlamaConfig:
     @property
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """The attention window of each layer (None: full attention)."""
+        n = self.num_hidden_layers
+        if not self.layer_types:
+            return (self.sliding_window,) * n
+        kinds = [self.layer_types[i % len(self.layer_types)] for i in range(n)]
+        return tuple(self.sliding_window if k == "sliding_attention" else None for k in kinds)
+
+    def generation_recompute_length(self) -> int | None:
+        """A sequence length at which generation recomputes the whole KV cache once (as transformers' Phi-3
+        generate does when LongRoPE switches factors); None: never."""
+        return None
 
     def rope(self) -> dict[str, float]:
         return dict(self.rope_params)
@@ -158,10 +175,22 @@ class LlamaConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict that transformers loads into the same model."""
+        out = {"architectures": [ARCHITECTURES[self.model_type]], "model_type": self.model_type,
+               **self.shared_hf()}
+        if self.model_type == "qwen2":
+            out["use_sliding_window"] = self.sliding_window is not None
+            out["sliding_window"] = self.sliding_window
+        else:
+            out["attention_bias"] = self.attention_bias or self.o_proj_bias
+            out["mlp_bias"] = False
+            if self.model_type == "mistral":
+                out["sliding_window"] = self.sliding_window
+        return out
+
+    def shared_hf(self) -> dict[str, Any]:
+        """The `config.json` fields every Llama-like family writes alike (shapes, norms, RoPE, tokens)."""
         rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **self.rope()}
-        out: dict[str, Any] = {
-            "architectures": [ARCHITECTURES[self.model_type]],
-            "model_type": self.model_type,
+        return {
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -180,15 +209,6 @@ class LlamaConfig:
             "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
-        if self.model_type == "qwen2":
-            out["use_sliding_window"] = self.sliding_window is not None
-            out["sliding_window"] = self.sliding_window
-        else:
-            out["attention_bias"] = self.attention_bias or self.o_proj_bias
-            out["mlp_bias"] = False
-            if self.model_type == "mistral":
-                out["sliding_window"] = self.sliding_window
-        return out
 
 
 def _parse_rope(hf: Mapping[str, Any], problems: list[str]) -> tuple[str, float, dict[str, float]]:

@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from jaxpeft.core.errors import UnsupportedModelError
+from jaxpeft.models import gemma, phi3, qwen3
 from jaxpeft.models.config import ARCHITECTURES, LlamaConfig
 from jaxpeft.models.llama import LlamaForCausalLM
 
@@ -61,10 +62,12 @@ class LinearPart:
 
 @dataclasses.dataclass(frozen=True)
 class NormPart:
-    """One norm of a decoder layer: its path inside the layer and its llama.cpp GGUF name."""
+    """One norm of a decoder layer: its path inside the layer, its llama.cpp GGUF name, and the config attribute
+    giving its width."""
 
     name: str
     gguf: str
+    features: str = "hidden_size"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,10 @@ class Family:
     head_axes: tuple[str, str] = ("embed", "vocab")
     gguf_globals: tuple[tuple[str, str], ...] = (
         ("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head"))
+    # Default targets per method when the user names none (PEFT's per-model tables where it has one).
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    ia3_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
+    ia3_feedforward: tuple[str, ...] = ("down_proj",)
 
     def layer_prefix(self, layer: int) -> str:
         return f"{self.layers_prefix}.{layer}"
@@ -133,10 +140,44 @@ def _llama_like(model_type: str, gguf_architecture: str | None = None) -> Family
                   gguf_architecture=gguf_architecture)
 
 
+_QK_NORMS = (NormPart("self_attn.q_norm", "attn_q_norm", "head_dim"),
+             NormPart("self_attn.k_norm", "attn_k_norm", "head_dim"))
+
+_GEMMA_NORMS = (NormPart("input_layernorm", "attn_norm"), NormPart("post_attention_layernorm", "post_attention_norm"),
+                NormPart("pre_feedforward_layernorm", "ffn_norm"),
+                NormPart("post_feedforward_layernorm", "post_ffw_norm"))
+
+
+def _gemma(model_type: str, norms: tuple[NormPart, ...]) -> Family:
+    return Family(model_type=model_type, architecture=gemma.ARCHITECTURES[model_type], config_class=gemma.GemmaConfig,
+                  module_class=gemma.GemmaForCausalLM, linears=_LLAMA_LINEARS, norms=norms,
+                  ia3_targets=("q_proj", "v_proj", "down_proj"))
+
+
+_PHI3_LINEARS = (
+    LinearPart("self_attn.qkv_proj", "hidden_size", "qkv_dim", "attn_qkv", ("embed", "heads"),
+               "normed x (input of qkv_proj)"),
+    LinearPart("self_attn.o_proj", "q_dim", "hidden_size", "attn_output", ("heads", "embed"),
+               "attention output (input of o_proj)"),
+    LinearPart("mlp.gate_up_proj", "hidden_size", "gate_up_dim", "ffn_up", ("embed", "mlp"),
+               "normed x (input of gate_up_proj)"),
+    LinearPart("mlp.down_proj", "intermediate_size", "hidden_size", "ffn_down", ("mlp", "embed"),
+               "silu(gate)*up (input of down_proj)"),
+)
+
 FAMILIES: dict[str, Family] = {
     "llama": _llama_like("llama", gguf_architecture="llama"),
     "mistral": _llama_like("mistral"),
-    "qwen2": _llama_like("qwen2"),
+    "qwen2": dataclasses.replace(_llama_like("qwen2"), ia3_targets=("q_proj", "v_proj", "down_proj")),
+    "qwen3": Family(model_type="qwen3", architecture=qwen3.ARCHITECTURE, config_class=qwen3.Qwen3Config,
+                    module_class=LlamaForCausalLM, linears=_LLAMA_LINEARS, norms=_LLAMA_NORMS + _QK_NORMS,
+                    ia3_targets=("q_proj", "v_proj", "down_proj")),
+    "gemma2": _gemma("gemma2", _GEMMA_NORMS),
+    "gemma3_text": _gemma("gemma3_text", _GEMMA_NORMS + _QK_NORMS),
+    # PEFT has no Phi-3 defaults: LoRA on the fused attention input and output, IA3 on qkv and down.
+    "phi3": Family(model_type="phi3", architecture=phi3.ARCHITECTURE, config_class=phi3.Phi3Config,
+                   module_class=phi3.Phi3ForCausalLM, linears=_PHI3_LINEARS, norms=_LLAMA_NORMS,
+                   lora_targets=("qkv_proj", "o_proj"), ia3_targets=("qkv_proj", "down_proj")),
 }
 
 
@@ -144,8 +185,8 @@ def family_of(model_type: str | None) -> Family:
     """The family of an HF `model_type`; an unknown one is an error listing the supported types."""
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; jaxpeft supports {sorted(FAMILIES)}. "
-            "Use a checkpoint of one of those architectures.")
+            f"model_type {model_type!r} is not supported; jaxpeft supports {sorted(FAMILIES)} (and the text part "
+            f"of {sorted(MULTIMODAL)}). Use a checkpoint of one of those architectures.")
     return FAMILIES[model_type]
 
 
@@ -160,6 +201,18 @@ def gguf_family(architecture: str | None) -> Family:
         "Mistral-style dense models) can be read.")
 
 
+# Multimodal model types whose text part loads as a family here: {model_type: text_part(hf) -> (text config.json
+# dict, rename(tensor names) -> {name: name in the text model, or None to skip})}.
+MULTIMODAL = {"gemma3": gemma.multimodal_text_part}
+
+
+def text_part(hf: Mapping[str, Any]) -> tuple[Mapping[str, Any], Any]:
+    """(config.json dict of the family model to load, tensor renaming or None): a multimodal checkpoint's text part."""
+    if hf.get("model_type") in MULTIMODAL:
+        return MULTIMODAL[hf["model_type"]](hf)
+    return hf, None
+
+
 def config_from_hf(hf: Mapping[str, Any]) -> Any:
     """The config of an HF `config.json` dict, read by its family's config class."""
     return family_of(hf.get("model_type")).config_class.from_hf(hf)
@@ -168,6 +221,16 @@ def config_from_hf(hf: Mapping[str, Any]) -> Any:
 def build_model(config: Any, **kwargs: Any) -> Any:
     """The Flax module of `config`'s family: `module_class(config, dtype=..., param_dtype=..., remat=..., ...)`."""
     return family_of(config.model_type).module_class(config, **kwargs)
+
+
+def default_targets(model_type: str, method: str) -> dict[str, tuple[str, ...]]:
+    """The family's default targets of `method` ("lora" or "ia3") as config keyword arguments."""
+    family = family_of(model_type)
+    if method == "lora":
+        return {"target_modules": family.lora_targets}
+    if method == "ia3":
+        return {"target_modules": family.ia3_targets, "feedforward_modules": family.ia3_feedforward}
+    raise ValueError(f"no per-family default targets for method {method!r}; only 'lora' and 'ia3' have them")
 
 
 def kernel_axes() -> dict[str, tuple[str, str]]:
@@ -181,5 +244,5 @@ def kernel_axes() -> dict[str, tuple[str, str]]:
     return out
 
 
-__all__ = ["FAMILIES", "Family", "LinearPart", "NormPart", "build_model", "config_from_hf", "family_of",
-           "gguf_family", "kernel_axes"]
+__all__ = ["FAMILIES", "Family", "LinearPart", "NormPart", "build_model", "config_from_hf", "default_targets",
+           "family_of", "gguf_family", "kernel_axes", "text_part"]

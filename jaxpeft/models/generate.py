@@ -50,11 +50,16 @@ def select_token(logits_BxV: jax.Array, key: jax.Array, sampling: SamplingConfig
 
 
 def decode_loop(forward, cache, ids_BxP, mask_BxP, stop_ids, key, *, max_new_tokens: int,
-                sampling: SamplingConfig):
+                sampling: SamplingConfig, recompute_at: int | None = None):
     """The traced decode loop: `forward(ids_BxS, mask_BxS, cache) -> (logits, cache)` runs the prompt once,
     then one token per step until every row has produced a stop token or `max_new_tokens` tokens.
-    Returns the new tokens (B, max_new_tokens); rows stop being meaningful after their stop token."""
-    b = ids_BxP.shape[0]
+    Returns the new tokens (B, max_new_tokens); rows stop being meaningful after their stop token.
+
+    `recompute_at` (the config's `generation_recompute_length`): the step whose longest row first holds
+    recompute_at + 1 tokens runs the whole sequence again on the empty cache it started from, as transformers'
+    Phi-3 generate does when LongRoPE switches factors (with prompts padded to the longest, as its batches are)."""
+    b, p = ids_BxP.shape
+    empty = cache
     logits, cache = forward(ids_BxP, mask_BxP, cache)
     key, sub = jax.random.split(key)
     first = select_token(logits[:, -1], sub, sampling)
@@ -65,9 +70,27 @@ def decode_loop(forward, cache, ids_BxP, mask_BxP, stop_ids, key, *, max_new_tok
         step, _, _, done, _, _ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
+    longest = jnp.max(jnp.sum(mask_BxP, axis=1))
+
+    def one_token(step, token, cache, out):
+        return forward(token[:, None], jnp.ones((b, 1), jnp.int32), cache)
+
+    def whole_sequence(step, token, cache, out):
+        ids = jnp.concatenate([ids_BxP, out], axis=1)
+        ids = jax.lax.dynamic_update_slice(ids, token[:, None], (0, p + step - 1))
+        filled = (jnp.arange(max_new_tokens) < step).astype(mask_BxP.dtype)
+        mask = jnp.concatenate([mask_BxP, jnp.broadcast_to(filled, (b, max_new_tokens))], axis=1)
+        logits, fresh = forward(ids, mask, empty)
+        last = jax.lax.dynamic_slice_in_dim(logits, p + step - 1, 1, axis=1)
+        return last, {**fresh, "index": empty["index"] + p + step}
+
     def body(state):
         step, token, cache, done, out, key = state
-        logits, cache = forward(token[:, None], jnp.ones((b, 1), jnp.int32), cache)
+        if recompute_at is None:
+            logits, cache = one_token(step, token, cache, out)
+        else:
+            crossing = longest + step == recompute_at + 1  # this step's sequence has recompute_at + 1 tokens
+            logits, cache = jax.lax.cond(crossing, whole_sequence, one_token, step, token, cache, out)
         key, sub = jax.random.split(key)
         nxt = select_token(logits[:, -1], sub, sampling)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
@@ -88,7 +111,7 @@ def _decode_fn(model: Any, max_new_tokens: int, sampling: SamplingConfig, cache_
             return model.apply({"params": params}, ids, attention_mask_BxS=mask, cache=cache)
 
         return decode_loop(forward, cache, ids_BxP, mask_BxP, stop_ids, key, max_new_tokens=max_new_tokens,
-                           sampling=sampling)
+                           sampling=sampling, recompute_at=model.config.generation_recompute_length())
 
     return jax.jit(run)
 

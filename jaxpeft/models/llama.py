@@ -5,6 +5,7 @@ Canonical parameter tree (`params` below; the Flax variables are `{"params": par
     model/embed_tokens/embedding                 (V, D)      HF model.embed_tokens.weight
     model/layers/<i>/input_layernorm/weight      (D,)        HF model.layers.<i>.input_layernorm.weight
     model/layers/<i>/self_attn/{q,k,v,o}_proj/kernel (I, O)  HF ....weight transposed; q/k/v `bias` (Qwen2)
+    model/layers/<i>/self_attn/{q,k}_norm/weight (E,)        Qwen3 only (config.qk_norm)
     model/layers/<i>/post_attention_layernorm/weight (D,)
     model/layers/<i>/mlp/{gate,up,down}_proj/kernel  (I, O)
     model/norm/weight                             (D,)
@@ -24,18 +25,19 @@ D hidden, V vocab, H/K query/kv heads, E head dim.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxpeft.models import hooks, ops
-from jaxpeft.models.causal_lm import Cache, CausalLM
+from jaxpeft.models.causal_lm import Cache, CausalLM, write_cache
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.layers import Embed, Linear, RMSNorm
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+QK_NORMS = ("q_norm", "k_norm")
 LAYER_MODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
@@ -52,19 +54,17 @@ class Attention(nn.Module):
         dense = lambda n, f, bias: Linear(  # noqa: E731
             f, bias, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic, name=n
         )
-        hooks.check_known("attention", list(self.variables.get("params", {})), ATTENTION_MODULES)
+        own = ATTENTION_MODULES + (QK_NORMS if c.qk_norm else ())
+        hooks.check_known("attention", list(self.variables.get("params", {})), own)
         b, s, _ = x_BxSxD.shape
         q = dense("q_proj", c.q_dim, c.attention_bias)(x_BxSxD).reshape(b, s, c.num_attention_heads, c.head_dim)
         k = dense("k_proj", c.kv_dim, c.attention_bias)(x_BxSxD).reshape(b, s, c.num_key_value_heads, c.head_dim)
         v = dense("v_proj", c.kv_dim, c.attention_bias)(x_BxSxD).reshape(b, s, c.num_key_value_heads, c.head_dim)
+        if c.qk_norm:  # Qwen3: one RMSNorm over each head's E features, before RoPE
+            q = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        new_cache = None
-        if layer_cache is not None:
-            index = layer_cache["index"]
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, index, 0, 0))
-            new_cache = {"k": k, "v": v}
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        k, v, new_cache = write_cache(layer_cache, k, v, self.dtype)
         out = ops.attention(q, k, v, allowed_BxSxT, self.dtype)
         return dense("o_proj", c.hidden_size, c.o_proj_bias)(out), new_cache
 
@@ -88,6 +88,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """input norm, attention, residual, post-attention norm, MLP, residual; a family with other attention or MLP
+    modules (Phi-3's fused ones) subclasses it with its own `attention_cls` / `mlp_cls`."""
+
+    attention_cls: ClassVar[type] = Attention
+    mlp_cls: ClassVar[type] = MLP
     config: LlamaConfig
     dtype: Any
     param_dtype: Any
@@ -107,13 +112,40 @@ class DecoderLayer(nn.Module):
                                                              dropout=dropout)
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(h_BxSxD)
-        attn, new_cache = Attention(c, *args, name="self_attn")(x, cos, sin, allowed_BxSxT, layer_cache)
+        attn, new_cache = self.attention_cls(c, *args, name="self_attn")(x, cos, sin, allowed_BxSxT, layer_cache)
         h = residual_add("attention", h_BxSxD, attn)
         x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(h)
-        return residual_add("mlp", h, MLP(c, *args, name="mlp")(x)), new_cache
+        return residual_add("mlp", h, self.mlp_cls(c, *args, name="mlp")(x)), new_cache
+
+
+class DecoderStack(nn.Module):
+    """The layers, named "0", "1", ... so that their paths read like HF's `model.layers.<i>`."""
+
+    layer_cls: ClassVar[type] = DecoderLayer
+    config: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+    dropout_rate: float
+    deterministic: bool
+    remat: bool
+
+    @nn.compact
+    def __call__(self, h, cos, sin, allowed, cache):
+        layer_cls = nn.remat(self.layer_cls) if self.remat else self.layer_cls
+        new_layers = {}
+        windows = self.config.layer_windows()
+        for i in range(self.config.num_hidden_layers):
+            layer_cache = None
+            if cache is not None:
+                layer_cache = {**cache["layers"][str(i)], "index": cache["index"]}
+            layer = layer_cls(self.config, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
+                              name=str(i))
+            h, new_layers[str(i)] = layer(h, cos, sin, allowed[windows[i]], layer_cache)
+        return h, new_layers
 
 
 class LlamaModel(nn.Module):
+    stack_cls: ClassVar[type] = DecoderStack
     config: LlamaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -124,50 +156,31 @@ class LlamaModel(nn.Module):
     def setup(self) -> None:
         c = self.config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype)
-        self.layers = DecoderStack(c, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
+        self.layers = self.stack_cls(c, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
                                    self.remat)
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
 
-    def __call__(self, input_ids_BxS, positions_BxS, allowed_BxSxT, cache: Cache | None, embeds_BxSxD=None):
-        # `embeds_BxSxD` replaces the token embeddings (prompt tuning's virtual tokens).
+    def __call__(self, input_ids_BxS, positions_BxS, allowed, cache: Cache | None, embeds_BxSxD=None):
+        # `embeds_BxSxD` replaces the token embeddings (prompt tuning's virtual tokens); `allowed` is
+        # causal_lm.layer_masks' {window: mask}.
         h = self.embed_tokens(input_ids_BxS) if embeds_BxSxD is None else embeds_BxSxD.astype(self.dtype)
-        inv_freq = rope_inv_freq(self.config, positions_BxS)
-        cos, sin = ops.rope_cos_sin(positions_BxS, inv_freq, self.dtype)
-        h, new_layers = self.layers(h, cos, sin, allowed_BxSxT, cache)
+        cos, sin = self.rope_tables(positions_BxS)
+        h, new_layers = self.layers(h, cos, sin, allowed, cache)
         return self.norm(h), new_layers
 
-
-class DecoderStack(nn.Module):
-    """The layers, named "0", "1", ... so that their paths read like HF's `model.layers.<i>`."""
-
-    config: LlamaConfig
-    dtype: Any
-    param_dtype: Any
-    dropout_rate: float
-    deterministic: bool
-    remat: bool
-
-    @nn.compact
-    def __call__(self, h, cos, sin, allowed_BxSxT, cache):
-        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
-        new_layers = {}
-        for i in range(self.config.num_hidden_layers):
-            layer_cache = None
-            if cache is not None:
-                layer_cache = {**cache["layers"][str(i)], "index": cache["index"]}
-            layer = layer_cls(self.config, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
-                              name=str(i))
-            h, new_layers[str(i)] = layer(h, cos, sin, allowed_BxSxT, layer_cache)
-        return h, new_layers
+    def rope_tables(self, positions_BxS: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The (cos, sin) tables of the call's positions."""
+        return ops.rope_cos_sin(positions_BxS, rope_inv_freq(self.config, positions_BxS), self.dtype)
 
 
 class LlamaForCausalLM(CausalLM):
     """The Llama-family causal LM (the shared call, cache and head are `CausalLM`'s)."""
 
+    model_cls: ClassVar[type] = LlamaModel
     config: LlamaConfig
 
     def setup(self) -> None:
-        self.model = LlamaModel(
+        self.model = self.model_cls(
             self.config, self.dtype, self.param_dtype, self.remat, self.dropout_rate, self.deterministic
         )
         if not self.config.tie_word_embeddings:

@@ -76,6 +76,23 @@ def silu(x: jax.Array) -> jax.Array:
     return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
 
 
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU with the tanh approximation (torch's gelu(approximate="tanh"), Gemma's GeGLU), in fp32."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma 2's attention and final-logit soft-capping)."""
+    return jnp.tanh(x / cap) * cap
+
+
+def offset_rms_norm(x_BxSxD: jax.Array, weight_D: jax.Array, eps: float, dtype: Any) -> jax.Array:
+    """Gemma's RMSNorm: normalise and scale by (1 + w) in fp32, cast back once."""
+    x32 = x_BxSxD.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(var + eps) * (1.0 + weight_D.astype(jnp.float32))).astype(dtype)
+
+
 def rms_norm(x_BxSxD: jax.Array, weight_D: jax.Array, eps: float, dtype: Any) -> jax.Array:
     """HF Llama RMSNorm: normalise in fp32, cast back, then scale."""
     x32 = x_BxSxD.astype(jnp.float32)
@@ -84,14 +101,24 @@ def rms_norm(x_BxSxD: jax.Array, weight_D: jax.Array, eps: float, dtype: Any) ->
     return weight_D.astype(dtype) * normed
 
 
-def rope_cos_sin(positions_BxS: jax.Array, inv_freq_F: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables [B, S, 2F] in the HF rotate-half layout, computed in fp32."""
+def rope_cos_sin(positions_BxS: jax.Array, inv_freq_F: jax.Array, dtype: Any,
+                 scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, S, 2F] in the HF rotate-half layout, computed in fp32 (times `scale`: LongRoPE's
+    attention factor)."""
     freqs = positions_BxS.astype(jnp.float32)[..., None] * inv_freq_F[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def apply_rope(x_BxSxHxE: jax.Array, cos_BxSxE: jax.Array, sin_BxSxE: jax.Array) -> jax.Array:
+    """Rotate-half RoPE; tables narrower than E (partial rotary, Phi-3) rotate the first features only."""
+    rotary = cos_BxSxE.shape[-1]
+    if rotary < x_BxSxHxE.shape[-1]:
+        rotated = apply_rope(x_BxSxHxE[..., :rotary], cos_BxSxE, sin_BxSxE)
+        return jnp.concatenate([rotated, x_BxSxHxE[..., rotary:]], axis=-1)
     half = x_BxSxHxE.shape[-1] // 2
     rotated = jnp.concatenate([-x_BxSxHxE[..., half:], x_BxSxHxE[..., :half]], axis=-1)
     return x_BxSxHxE * cos_BxSxE[:, :, None, :] + rotated * sin_BxSxE[:, :, None, :]
@@ -103,14 +130,22 @@ def attention(
     v_BxTxKxE: jax.Array,
     allowed_BxSxT: jax.Array,
     dtype: Any,
+    *,
+    scale: float | None = None,
+    logit_cap: float | None = None,
 ) -> jax.Array:
-    """Grouped-query softmax attention; `allowed` is the boolean mask (causal, padding, window)."""
+    """Grouped-query softmax attention; `allowed` is the boolean mask (causal, padding, window).
+
+    `scale` multiplies the scores (default E ** -0.5); `logit_cap` soft-caps them before the mask (Gemma 2)."""
     b, s, h, e = q_BxSxHxE.shape
     k = k_BxTxKxE.shape[2]
     q = q_BxSxHxE.reshape(b, s, k, h // k, e)
     # Scores and the weighted sum accumulate in fp32 and are not rounded to a bf16 `dtype` before the
     # softmax (as torch's CPU and flash SDPA kernels do); only the probabilities and the output are.
-    scores = jnp.einsum("bskge,btke->bkgst", q, k_BxTxKxE, preferred_element_type=jnp.float32) * (e ** -0.5)
+    scores = jnp.einsum("bskge,btke->bkgst", q, k_BxTxKxE, preferred_element_type=jnp.float32) * (
+        e ** -0.5 if scale is None else scale)
+    if logit_cap is not None:
+        scores = softcap(scores, logit_cap)
     scores = jnp.where(allowed_BxSxT[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgst,btke->bskge", probs, v_BxTxKxE, preferred_element_type=jnp.float32).astype(dtype)

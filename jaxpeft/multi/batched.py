@@ -112,7 +112,7 @@ def _decode_fn(model: Any, max_new_tokens: int, sampling: SamplingConfig, cache_
             return _rows(model, base, rows, ids, mask, cache)
 
         return decode_loop(forward, cache, ids_BxP, mask_BxP, stop_ids, key, max_new_tokens=max_new_tokens,
-                           sampling=sampling)
+                           sampling=sampling, recompute_at=model.config.generation_recompute_length())
 
     return jax.jit(run)
 

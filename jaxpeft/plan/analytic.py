@@ -183,7 +183,8 @@ def _weights(config: LlamaConfig, plan: PlanConfig, adapted: list[LinearShape]) 
     """(weight items, trainable parameter count, base parameter count)."""
     c, p = config, DTYPE_BYTES[plan.param_dtype]
     linears = [m for layer in range(c.num_hidden_layers) for m in layer_linears(c, layer)]
-    norms = (len(family_of(c.model_type).norms) * c.num_hidden_layers + 1) * c.hidden_size
+    layer_norms = sum(int(getattr(c, n.features)) for n in family_of(c.model_type).norms)  # q/k norms: head_dim
+    norms = layer_norms * c.num_hidden_layers + c.hidden_size
     embed = c.vocab_size * c.hidden_size
     head = 0 if c.tie_word_embeddings else c.hidden_size * c.vocab_size
     biases = sum(m.out_features for m in linears if m.bias)

@@ -1,8 +1,10 @@
-"""Model shapes for the memory planner: the Llama-2 presets, HF `config.json` folders, and the article's table.
+"""Model shapes for the memory planner: the presets, HF `config.json` folders, and the article's table.
 
-A plan needs shapes only, so a model is a `LlamaConfig` (no weights are read). The presets are the
-published Llama-2 configurations (vocab 32000, untied embeddings, SwiGLU; 70B uses grouped-query
-attention with 8 kv heads and intermediate size 28672).
+A plan needs shapes only, so a model is its family's config (no weights are read). The presets are the
+published configurations: Llama-2 (vocab 32000, untied embeddings, SwiGLU; 70B uses grouped-query
+attention with 8 kv heads and intermediate size 28672), Llama-3 8B/70B, Qwen3-8B, Gemma-2-9B, Gemma-3-12B (text),
+Phi-3-mini-4k
+(tests/test_families.py checks each preset's parameter count against transformers').
 """
 
 from __future__ import annotations
@@ -22,10 +24,56 @@ def _llama2(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: i
                        head_dim=hidden // heads, max_position_embeddings=4096)
 
 
+def _llama3(hidden: int, layers: int, heads: int) -> LlamaConfig:
+    """Meta-Llama-3-8B / -70B: vocab 128256, 8 kv heads, RoPE theta 500000, context 8192."""
+    return LlamaConfig(vocab_size=128256, hidden_size=hidden, intermediate_size={4096: 14336, 8192: 28672}[hidden],
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=8,
+                       head_dim=hidden // heads, rope_theta=500000.0, max_position_embeddings=8192)
+
+
+def _qwen3_8b() -> LlamaConfig:
+    """Qwen/Qwen3-8B: head_dim 128 with 32 heads over hidden 4096, 8 kv heads, untied, q/k norms."""
+    from jaxpeft.models.qwen3 import Qwen3Config
+
+    return Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, max_position_embeddings=40960)
+
+
+def _gemma(model_type: str, **kw) -> LlamaConfig:
+    from jaxpeft.models.gemma import GemmaConfig
+
+    n = kw["num_hidden_layers"]
+    every = 2 if model_type == "gemma2" else 6  # Gemma 2 alternates; Gemma 3 has 5 sliding layers, then 1 full
+    kinds = tuple("sliding_attention" if (i + 1) % every else "full_attention" for i in range(n))
+    return GemmaConfig(model_type=model_type, num_key_value_heads=8, head_dim=256, rms_norm_eps=1e-6,
+                       query_pre_attn_scalar=256.0, qk_norm=model_type == "gemma3_text", layer_types=kinds, **kw)
+
+
+def _phi3_mini() -> LlamaConfig:
+    """microsoft/Phi-3-mini-4k-instruct: fused qkv_proj / gate_up_proj, 32 heads of 96, window 2047."""
+    from jaxpeft.models.phi3 import Phi3Config
+
+    return Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, head_dim=96, max_position_embeddings=4096,
+                      original_max_position_embeddings=4096, sliding_window=2047)
+
+
 PRESETS: dict[str, LlamaConfig] = {
     "llama-7b": _llama2(4096, 11008, 32, 32, 32),
     "llama-13b": _llama2(5120, 13824, 40, 40, 40),
     "llama-70b": _llama2(8192, 28672, 80, 64, 8),
+    "llama-3-8b": _llama3(4096, 32, 32),
+    "llama-3-70b": _llama3(8192, 80, 64),
+    "qwen3-8b": _qwen3_8b(),
+    # google/gemma-2-9b; google/gemma-3-12b-pt's language model (the vision tower is not planned).
+    "gemma-2-9b": _gemma("gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                         num_attention_heads=16, sliding_window=4096, attn_logit_softcapping=50.0,
+                         final_logit_softcapping=30.0, max_position_embeddings=8192),
+    "gemma-3-12b": _gemma("gemma3_text", vocab_size=262208, hidden_size=3840, intermediate_size=15360,
+                          num_hidden_layers=48, num_attention_heads=16, sliding_window=1024, rope_theta=1000000.0,
+                          rope_type="linear", rope_params=(("factor", 8.0),), max_position_embeddings=131072),
+    "phi-3-mini": _phi3_mini(),
 }
 
 # The seed article's memory table (REFERENCE.md), in GB; None where the article gives no figure.
