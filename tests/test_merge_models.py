@@ -11,6 +11,7 @@ mergekit's output of a configuration is made once per module (`merged`). Skipped
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import textwrap
 
@@ -44,15 +45,18 @@ def _perturbed(model, seed: int, scale: float, sign: int):
 def models(tmp_path_factory):
     from tests.hf_tiny import tiny_hf_config, tiny_hf_model
 
+    import transformers
+
     root = tmp_path_factory.mktemp("kit_models")
     cfg = tiny_hf_config(layers=4)
     tiny_hf_model(cfg, seed=0).save_pretrained(root / "base")
-    tiny_hf_model(cfg, seed=0).to(torch.bfloat16).save_pretrained(root / "base_bf16")
     for i, scale in enumerate(SCALES):
-        m = _perturbed(tiny_hf_model(cfg, seed=0), 100 + i, scale, 1 if i % 2 == 0 else -1)
-        m.save_pretrained(root / f"ft{i}")
-        if i < 2:
-            m.to(torch.bfloat16).save_pretrained(root / f"ft{i}_bf16")
+        _perturbed(tiny_hf_model(cfg, seed=0), 100 + i, scale, 1 if i % 2 == 0 else -1).save_pretrained(root / f"ft{i}")
+    for name in ("base", "ft0", "ft1"):  # bf16 copies, read back (a model's .to() would change the shared config)
+        transformers.AutoModelForCausalLM.from_pretrained(root / name, dtype=torch.bfloat16).save_pretrained(
+            root / f"{name}_bf16")
+    for name in ("base", "ft0", "ft1", "ft2"):
+        assert _load(root / name)["lm_head.weight"].dtype == np.float32
     (root / "ft1" / "tokenizer_config.json").write_text('{"marker": "ft1"}')
     (root / "base" / "tokenizer_config.json").write_text('{"marker": "base"}')
     other = tiny_hf_config(layers=4)
@@ -173,7 +177,7 @@ def _config(models, text: str) -> str:
 def _load(folder) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
-    import ml_dtypes  # noqa: F401  (bf16 for safetensors' numpy reader)
+    importlib.import_module("ml_dtypes")  # registers bf16 for the numpy reader
     out = {}
     for f in sorted(glob.glob(f"{folder}/*.safetensors")):
         out.update(load_file(f))
@@ -212,8 +216,8 @@ def _compare(kit: dict, ours: dict, name: str) -> None:
         assert a.dtype == b.dtype and a.shape == b.shape, (k, a.dtype, b.dtype, a.shape, b.shape)
         x, y = a.astype(np.float32), b.astype(np.float32)
         peak = float(np.abs(x).max())
-        if a.dtype.name == "bfloat16":
-            ulp = 2.0 ** (np.floor(np.log2(peak)) - 7)
+        if a.dtype.name == "bfloat16":  # one ulp of the tensor's largest magnitude (bf16: 8 significant bits)
+            ulp = 2.0 ** (np.floor(np.log2(max(peak, float(np.abs(y).max())))) - 7)
             assert np.abs(x - y).max() <= tolerances.MERGEKIT_BF16_ULPS * ulp, (name, k)
         else:
             tol = tolerances.MERGEKIT_SLERP if name.startswith("slerp") else tolerances.MERGEKIT_FP32
@@ -233,3 +237,124 @@ def test_same_tensors_as_mergekit(merged, name):
 def test_same_tensors_as_mergekit_more(merged, name):
     kit, ours, _ = merged(name)
     _compare(kit, ours, name)
+
+
+def test_folder_layout_and_config(merged, models):
+    """The passthrough frankenmerge has 3 + 3 layers in config.json (as mergekit writes), the card and the YAML."""
+    kit, ours, folder = merged("passthrough")
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 6
+    assert json.loads((folder.parent / "kit" / "config.json").read_text())["num_hidden_layers"] == 6
+    assert "model.layers.5.self_attn.o_proj.weight" in ours and "model.layers.6.mlp.up_proj.weight" not in ours
+    text = (folder / "mergekit_config.yml").read_text()
+    assert yaml.safe_load(text)["merge_method"] == "passthrough" and text in (folder / "README.md").read_text()
+    # layer 3 of the output is ft1's layer 1, its o_proj scaled by 0.5 (the filter), the rest as stored
+    src = _load(models / "ft1")
+    np.testing.assert_array_equal(ours["model.layers.3.mlp.up_proj.weight"],
+                                  src["model.layers.1.mlp.up_proj.weight"].astype(ours["model.layers.3.mlp.up_proj.weight"].dtype))
+    assert not (folder.parent / "ours.tmp").exists()
+
+
+def test_tokenizer_source(models, tmp_path):
+    text = _config(models, CONFIGS["task_arithmetic"]) + f"tokenizer_source: {models / 'ft1'}\n"
+    (tmp_path / "m.yml").write_text(text)
+    merge_config_file(tmp_path / "m.yml", tmp_path / "a", MergeOptions(progress=False))
+    assert json.loads((tmp_path / "a" / "tokenizer_config.json").read_text()) == {"marker": "ft1"}
+    (tmp_path / "m.yml").write_text(_config(models, CONFIGS["task_arithmetic"]))
+    merge_config_file(tmp_path / "m.yml", tmp_path / "b", MergeOptions(progress=False))
+    assert json.loads((tmp_path / "b" / "tokenizer_config.json").read_text()) == {"marker": "base"}
+
+
+def _missing_tensor_model(models, tmp_path):
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "holey"
+    folder.mkdir()
+    shutil.copy(models / "ft1" / "config.json", folder)
+    state = _load(models / "ft1")
+    del state["model.layers.2.mlp.up_proj.weight"]
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+BAD = {
+    "unknown method": ("merge_method: frankenstein\nmodels: [{model: ft0}]\n", "frankenstein"),
+    "unknown parameter": ("merge_method: ties\nbase_model: base\nmodels:\n  - {model: ft0, parameters: "
+                          "{weight: 1, density: 0.5, temperature: 2}}\n", "'temperature'"),
+    "modules": ("merge_method: linear\nmodules: {}\nmodels: [{model: ft0, parameters: {weight: 1}}]\n", "modules"),
+    "layer range": ("merge_method: passthrough\nslices:\n  - sources: [{model: ft0, layer_range: [2, 6]}]\n",
+                    "goes past its 4 layers"),
+    "density": ("merge_method: ties\nbase_model: base\nmodels:\n  - {model: ft0, parameters: {weight: 1, "
+                "density: 1.5}}\n", "density 1.5 must be in (0, 1]"),
+    "della epsilon": ("merge_method: della\nbase_model: base\nmodels:\n  - {model: ft0, parameters: {weight: 1, "
+                      "density: 0.9, epsilon: 0.2}}\n", "+/- epsilon 0.2"),
+    "shapes": ("merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - {model: wide, parameters: "
+               "{weight: 1}}\n", "model.layers.0.mlp.up_proj.weight has shape [54, 40]"),
+    "missing weight": ("merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: ft0}]\n",
+                       "parameter weight is required"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_refused_before_writing(models, tmp_path, case):
+    text, expected = BAD[case]
+    (tmp_path / "m.yml").write_text(_config(models, text))
+    with pytest.raises(ConfigError, match=None) as e:
+        merge_config_file(tmp_path / "m.yml", tmp_path / "out", MergeOptions(progress=False))
+    assert expected in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [tmp_path / "m.yml"]
+
+
+def test_missing_tensor_and_existing_out(models, tmp_path):
+    holey = _missing_tensor_model(models, tmp_path)
+    text = f"merge_method: task_arithmetic\nbase_model: {models / 'base'}\nmodels:\n" \
+           f"  - {{model: {holey}, parameters: {{weight: 1}}}}\n"
+    (tmp_path / "m.yml").write_text(text)
+    with pytest.raises(ConfigError, match=f"model {holey}: tensor model.layers.2.mlp.up_proj.weight is missing"):
+        merge_config_file(tmp_path / "m.yml", tmp_path / "out", MergeOptions(progress=False))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ConfigError, match="already exists; pass --overwrite"):
+        merge_config_file(tmp_path / "m.yml", tmp_path / "out", MergeOptions(progress=False))
+
+
+def test_every_method_is_registered():
+    assert sorted(METHODS) == sorted(["linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_linear",
+                                      "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                                      "model_stock", "passthrough"])
+
+
+def test_model_plus_lora_source(models, tmp_path):
+    """`base+adapter`: the PEFT LoRA is applied before merging; passthrough of it equals peft's merge_and_unload."""
+    import transformers
+
+    peft = pytest.importorskip("peft")
+    model = transformers.AutoModelForCausalLM.from_pretrained(models / "base")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 2})
+    lora = peft.get_peft_model(model, cfg)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn_like(p))
+    lora.save_pretrained(tmp_path / "adapter")
+    expected = {k: v.numpy() for k, v in lora.merge_and_unload().state_dict().items()}
+    (tmp_path / "m.yml").write_text(f"merge_method: passthrough\nmodels:\n  - model: {models / 'base'}+"
+                                    f"{tmp_path / 'adapter'}\n")
+    merge_config_file(tmp_path / "m.yml", tmp_path / "out", MergeOptions(progress=False))
+    ours = _load(tmp_path / "out")
+    base = _load(models / "base")
+    for k, v in ours.items():
+        np.testing.assert_allclose(v, expected[k], atol=1e-6, rtol=0)
+    assert not np.allclose(ours["model.layers.1.mlp.down_proj.weight"], base["model.layers.1.mlp.down_proj.weight"])
+
+
+@pytest.mark.slow(reason="a subprocess that imports jax (~10 s on this machine)")
+def test_cli(models, tmp_path):
+    from tests.cli import run_module
+
+    (tmp_path / "m.yml").write_text(_config(models, CONFIGS["task_arithmetic"]))
+    out = run_module("experiments.merge_models", f"--config={tmp_path / 'm.yml'}", f"--out={tmp_path / 'o'}",
+                     "--noprogress").stdout
+    assert "merged 39 tensors" in out
+    assert (tmp_path / "o" / "model.safetensors").exists()

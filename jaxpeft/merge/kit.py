@@ -22,20 +22,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.merge.ops import _abs_bits, elect_and_merge, kth_largest_bits
+from jaxpeft.merge.ops import _abs_bits, elect_and_merge, kth_largest_bits, round_like
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
 RESCALE_EPS = 1e-7
 
 
-def _rescaled(d: jax.Array, keep: jax.Array, rescale: bool) -> jax.Array:
+def _rounder(dtype):
+    """Rounds fp32 values to `dtype` and back: mergekit's torch ops work in the inputs' dtype (bf16 too)."""
+    return lambda x: round_like(x.astype(jnp.float32), dtype)
+
+
+def _rescaled(d: jax.Array, keep: jax.Array, rescale: bool, rd=lambda x: x) -> jax.Array:
     """The kept entries, times |d|_1 / |kept|_1 if `rescale` (unless either norm is below 1e-7)."""
     kept = jnp.where(keep, d, 0)
     if not rescale:
         return kept
-    before, after = jnp.abs(d).sum(), jnp.abs(kept).sum()
+    before, after = rd(jnp.abs(d).sum()), rd(jnp.abs(kept).sum())
     ok = (before >= RESCALE_EPS) & (after >= RESCALE_EPS)
-    return jnp.where(ok, kept * (before / jnp.where(ok, after, 1)), kept)
+    return jnp.where(ok, rd(kept * rd(before / jnp.where(ok, after, 1))), kept)
 
 
 def magnitude_counts(density: float, n: int) -> int:
@@ -70,7 +75,7 @@ def della_probs(d_X: jax.Array, density: float, epsilon: float) -> jax.Array:
     return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(d_X.shape)
 
 
-def _sparsify(key, d_NxX, sparsifier, dens_N, skip_N, keep_N, eps_N, rescale):
+def _sparsify(key, d_NxX, sparsifier, dens_N, skip_N, keep_N, eps_N, rescale, rd):
     if sparsifier is None:
         return d_NxX
     col = (-1,) + (1,) * (d_NxX.ndim - 1)
@@ -80,23 +85,26 @@ def _sparsify(key, d_NxX, sparsifier, dens_N, skip_N, keep_N, eps_N, rescale):
         keep_NxX = jax.random.uniform(key, d_NxX.shape) < dens_N.reshape(col)
     else:
         keep_NxX = jax.random.uniform(key, d_NxX.shape) < jax.vmap(della_probs)(d_NxX, dens_N, eps_N)
-    out = jax.vmap(lambda d, k: _rescaled(d, k, rescale))(d_NxX, keep_NxX)
+    out = jax.vmap(lambda d, k: _rescaled(d, k, rescale, rd))(d_NxX, keep_NxX)
     return jnp.where((dens_N >= 1).reshape(col), d_NxX, out)  # density 1: the delta as it is (no rescale)
 
 
 @functools.partial(jax.jit, static_argnames=("sparsifier", "consensus", "normalize", "rescale"))
 def _task_vector_core(base_X, xs_NxX, key, w_N, dens_N, skip_N, keep_N, eps_N, lam, *, sparsifier, consensus,
                       normalize, rescale):
-    d_NxX = _sparsify(key, (xs_NxX - base_X).astype(jnp.float32), sparsifier, dens_N, skip_N, keep_N, eps_N, rescale)
+    rd = _rounder(base_X.dtype)
+    w_N = rd(w_N)
+    d_NxX = _sparsify(key, rd(xs_NxX.astype(jnp.float32) - base_X.astype(jnp.float32)), sparsifier, dens_N, skip_N, keep_N, eps_N, rescale,
+                      rd)
     if consensus is not None:
         mixed_X = elect_and_merge(d_NxX, w_N, method={"sum": "total", "count": "frequency"}[consensus],
-                                  vote="weighted", divide="weights" if normalize else "none")
+                                  vote="weighted", divide="weights" if normalize else "none", round_to=base_X.dtype)
     else:
-        mixed_X = (d_NxX * w_N.reshape((-1,) + (1,) * base_X.ndim)).sum(axis=0)
+        mixed_X = rd(rd(d_NxX * w_N.reshape((-1,) + (1,) * base_X.ndim)).sum(axis=0))
         if normalize:
-            total = w_N.sum()
-            mixed_X = mixed_X / jnp.where(jnp.abs(total) < 1e-8, 1.0, total)
-    mixed_X = jnp.where(lam != 1, mixed_X * lam, mixed_X)
+            total = rd(w_N.sum())
+            mixed_X = rd(mixed_X / jnp.where(jnp.abs(total) < 1e-8, 1.0, total))
+    mixed_X = jnp.where(lam != 1, rd(mixed_X * lam), mixed_X)
     return (base_X.astype(jnp.float32) + mixed_X).astype(base_X.dtype)
 
 

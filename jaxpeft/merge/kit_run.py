@@ -167,8 +167,7 @@ def plan_merge(cfg: MergeConfig) -> Plan:
         slices.append((sl, sources))
     if problems:
         raise ConfigError("cannot merge these models:\n" + _listed(problems))
-    names = list(ref_model.weights)
-    outer = [n for n in names if not LAYER.match(n)]
+    outer = list(dict.fromkeys(n for m in models.values() for n in m.weights if not LAYER.match(n)))
     pre = [n for n in outer if "embed" in n]
     post = [n for n in outer if n not in pre]
     planned: list[PlannedTensor] = []
@@ -235,13 +234,14 @@ def plan_merge(cfg: MergeConfig) -> Plan:
         length = sources[0].layer_range[1] - sources[0].layer_range[0]
         for idx in range(length):
             t = idx / (length - 1) if length > 1 else 1.0
-            src0 = models[sources[0].model]
-            layer_names = [n for n in src0.weights if (m := LAYER.match(n)) and
-                           int(m["index"]) == sources[0].layer_range[0] + idx]
-            for n0 in layer_names:
-                m0 = LAYER.match(n0)
-                in_names = [f"{m0['prefix']}.{s.layer_range[0] + idx}.{m0['rest']}" for s in sources]
-                plan_one(f"{m0['prefix']}.{out_layer}.{m0['rest']}", sl, sources, in_names, t)
+            parts = {}  # (prefix, rest) of this layer's tensors in any source: one missing anywhere is reported
+            for s in sources:
+                for n in models[s.model].weights:
+                    if (m := LAYER.match(n)) and int(m["index"]) == s.layer_range[0] + idx:
+                        parts.setdefault((m["prefix"], m["rest"]), None)
+            for prefix, rest in parts:
+                in_names = [f"{prefix}.{s.layer_range[0] + idx}.{rest}" for s in sources]
+                plan_one(f"{prefix}.{out_layer}.{rest}", sl, sources, in_names, t)
             out_layer += 1
     last_sl, last_sources = slices[-1]
     for n in post:

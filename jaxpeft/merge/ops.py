@@ -141,23 +141,42 @@ def disjoint_merge(weighted_NxX: jax.Array, mask_NxX: jax.Array) -> jax.Array:
     return total_X / jnp.maximum(count_X, 1.0)
 
 
+def round_like(x: jax.Array, dtype: Any) -> jax.Array:
+    """fp32 `x` rounded to `dtype` (nearest even) but kept fp32: emulates a torch op computed in that dtype.
+
+    For bf16 the rounding is integer arithmetic on the bits, since XLA on the CPU may drop a
+    convert-to-bf16-and-back pair (excess precision allowed); fp32 is left as it is; fp16 by converts.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32 or dtype == jnp.float64:
+        return x
+    if dtype != jnp.bfloat16:
+        return x.astype(dtype).astype(x.dtype)
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def elect_and_merge(t_NxX: jax.Array, w_N: jax.Array, *, method: str = "total", vote: str = "unweighted",
-                    divide: str = "count") -> jax.Array:
+                    divide: str = "count", round_to: Any = None) -> jax.Array:
     """Sign election and disjoint sum of the weighted tensors, in PEFT's or mergekit's convention.
 
     vote: "unweighted" (PEFT) elects from t_i, "weighted" (mergekit) from w_i·t_i.
     divide: "count" (PEFT) by the number of agreeing entries, "weights" (mergekit's normalize) by the sum of
     their weights (1 where that sum is 0), "none" not at all.
+    round_to: a dtype each intermediate is rounded to (mergekit works in the inputs' dtype, e.g. bf16).
     """
-    weighted_NxX = _weighted(t_NxX, w_N)
+    def rd(x):
+        return x if round_to is None else round_like(x, round_to)
+    weighted_NxX = rd(_weighted(t_NxX, w_N))
     mask_NxX = majority_sign_mask(weighted_NxX if vote == "weighted" else t_NxX, method)
     if divide == "count":
-        return disjoint_merge(weighted_NxX, mask_NxX)
-    total_X = jnp.where(mask_NxX, weighted_NxX, 0).sum(axis=0)
+        return rd(disjoint_merge(weighted_NxX, mask_NxX))
+    total_X = rd(jnp.where(mask_NxX, weighted_NxX, 0).sum(axis=0))
     if divide == "none":
         return total_X
-    divisor_X = jnp.where(mask_NxX, w_N.reshape((-1,) + (1,) * (t_NxX.ndim - 1)), 0).sum(axis=0)
-    return total_X / jnp.where(divisor_X == 0, 1, divisor_X)
+    divisor_X = rd(jnp.where(mask_NxX, w_N.reshape((-1,) + (1,) * (t_NxX.ndim - 1)), 0).sum(axis=0))
+    return rd(total_X / jnp.where(divisor_X == 0, 1, divisor_X))
 
 
 def task_arithmetic(task_tensors: TaskTensors, weights_N: Sequence[float] | jax.Array) -> jax.Array:
