@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxpeft.convert.hf import read_hf_weights
+from jaxpeft.convert.peft.common import write_folder
 from jaxpeft.core.errors import ConfigError, bullet_list
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -61,9 +63,6 @@ def extract_lora(base: str | Path, finetuned: str | Path, out: str | Path, cfg: 
                  overwrite: bool = False) -> dict:
     """Writes the PEFT LoRA folder `out` and returns the report: per module its rank and kept energy, and the
     differences a LoRA does not carry with their share of the total squared difference."""
-    from jaxpeft.convert.hf import read_hf_weights
-    from jaxpeft.convert.peft.common import write_folder
-
     problems = cfg.problems()
     if Path(out).exists() and not overwrite:
         problems.append(f"--out {out} already exists; pass --overwrite to replace it")

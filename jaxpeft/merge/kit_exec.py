@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxpeft.convert.shards import Tensors, TensorSpec, save_shards
+from jaxpeft.core.atomic import atomic_dir
 from jaxpeft.core.errors import ConfigError
 from jaxpeft.merge import kit
 from jaxpeft.merge.kit_config import parse_config
@@ -94,9 +96,6 @@ def model_card(plan: Plan) -> str:
 def run_merge(plan: Plan, out: str | Path, options: MergeOptions = MergeOptions()) -> dict:
     """Writes the merged model folder `out` (atomically); returns a summary (tensors, bytes, seconds)."""
     import jax
-
-    from jaxpeft.convert.shards import Tensors, TensorSpec, save_shards
-    from jaxpeft.core.atomic import atomic_dir
 
     out = Path(out)
     if out.exists() and not options.overwrite:

@@ -24,6 +24,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxpeft.convert.hf import read_hf_weights
+from jaxpeft.convert.stream import Checkpoint, _np_dtype
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.merge.kit_config import REQUIRED, MergeConfig, resolve, split_reference
 
@@ -67,8 +69,6 @@ class Plan:
 
 
 def _open_model(ref: str, problems: list[str]) -> Model | None:
-    from jaxpeft.convert.hf import read_hf_weights
-
     folder_s, lora_s = split_reference(ref)
     folder = Path(folder_s)
     if not (folder / "config.json").exists():
@@ -87,8 +87,6 @@ def _open_model(ref: str, problems: list[str]) -> Model | None:
             problems.append(f"model {ref}: {lfolder} is not a PEFT adapter folder (adapter_config.json and "
                             "adapter_model.safetensors)")
         else:
-            from jaxpeft.convert.stream import Checkpoint
-
             lcfg = json.loads(cfg_path.read_text())
             bad = [k for k in ("use_dora", "fan_in_fan_out", "alpha_pattern") if lcfg.get(k)]
             if lcfg.get("peft_type", "LORA") != "LORA":
@@ -259,6 +257,4 @@ def plan_merge(cfg: MergeConfig) -> Plan:
 
 
 def _np_name(code: str) -> str:
-    from jaxpeft.convert.stream import _np_dtype
-
     return _np_dtype(code).name
