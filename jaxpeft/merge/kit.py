@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.merge.ops import _abs_bits, elect_and_merge, kth_largest_bits, round_like
+from jaxpeft.merge.ops import _abs_bits, elect_and_merge, round_like
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
 RESCALE_EPS = 1e-7
@@ -58,12 +58,30 @@ def outlier_counts(density: float, gamma: float, n: int) -> tuple[int, int]:
     return n - n_bot - target, target
 
 
-def _rank_keep(bits_X: jax.Array, skip: jax.Array, keep: jax.Array) -> jax.Array:
-    """True on the entries ranked skip+1 .. skip+keep by magnitude (bit patterns from ops._abs_bits)."""
-    flat = bits_X.reshape(-1)
-    lower = kth_largest_bits(flat, jnp.maximum(skip + keep, 1))
-    upper = kth_largest_bits(flat, jnp.maximum(skip, 1))
-    return (bits_X >= lower) & ((skip == 0) | (bits_X < upper)) & (keep > 0)
+def _rank_keep(bits_X: jax.Array, lower: jax.Array, upper: jax.Array, has_upper: jax.Array, any_kept: jax.Array):
+    """True where lower <= |d| (< upper if has_upper), on the bit patterns of ops._abs_bits."""
+    return (bits_X >= lower) & (~has_upper | (bits_X < upper)) & any_kept
+
+
+def host_thresholds(base_X, xs_NxX, counts: list[tuple[int, int]], dtype) -> tuple[np.ndarray, ...]:
+    """Per input, the bit patterns of the (skip + keep)-th and skip-th largest |x_i - base| (the delta rounded to
+    the inputs' dtype, as mergekit ranks it), by selection (np.partition: introselect, O(n), no sort)."""
+    b32 = np.asarray(base_X, np.float32).reshape(-1)
+    n = b32.size
+    lower, upper, has_upper, any_kept = [], [], [], []
+    for x, (skip, keep) in zip(xs_NxX, counts):
+        if skip == 0 and keep >= n:
+            lower.append(0), upper.append(0), has_upper.append(False), any_kept.append(True)
+            continue
+        d = np.asarray(x, np.float32).reshape(-1) - b32
+        if np.dtype(dtype) != np.float32:
+            d = d.astype(dtype).astype(np.float32)
+        bits = np.abs(d).view(np.uint32)
+        lower.append(np.partition(bits, n - (skip + keep))[n - (skip + keep)] if keep > 0 else 0)
+        upper.append(np.partition(bits, n - skip)[n - skip] if skip > 0 else 0)
+        has_upper.append(skip > 0), any_kept.append(keep > 0)
+    return (np.asarray(lower, np.uint32), np.asarray(upper, np.uint32), np.asarray(has_upper),
+            np.asarray(any_kept))
 
 
 def della_probs(d_X: jax.Array, density: float, epsilon: float) -> jax.Array:
@@ -75,12 +93,12 @@ def della_probs(d_X: jax.Array, density: float, epsilon: float) -> jax.Array:
     return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(d_X.shape)
 
 
-def _sparsify(key, d_NxX, sparsifier, dens_N, skip_N, keep_N, eps_N, rescale, rd):
+def _sparsify(key, d_NxX, sparsifier, dens_N, thresholds, eps_N, rescale, rd):
     if sparsifier is None:
         return d_NxX
     col = (-1,) + (1,) * (d_NxX.ndim - 1)
     if sparsifier in ("magnitude", "magnitude_outliers"):
-        keep_NxX = jax.vmap(_rank_keep)(_abs_bits(d_NxX), skip_N, keep_N)
+        keep_NxX = jax.vmap(_rank_keep)(_abs_bits(d_NxX), *thresholds)
     elif sparsifier == "random":
         keep_NxX = jax.random.uniform(key, d_NxX.shape) < dens_N.reshape(col)
     else:
@@ -90,11 +108,11 @@ def _sparsify(key, d_NxX, sparsifier, dens_N, skip_N, keep_N, eps_N, rescale, rd
 
 
 @functools.partial(jax.jit, static_argnames=("sparsifier", "consensus", "normalize", "rescale"))
-def _task_vector_core(base_X, xs_NxX, key, w_N, dens_N, skip_N, keep_N, eps_N, lam, *, sparsifier, consensus,
+def _task_vector_core(base_X, xs_NxX, key, w_N, dens_N, thresholds, eps_N, lam, *, sparsifier, consensus,
                       normalize, rescale):
     rd = _rounder(base_X.dtype)
     w_N = rd(w_N)
-    d_NxX = _sparsify(key, rd(xs_NxX.astype(jnp.float32) - base_X.astype(jnp.float32)), sparsifier, dens_N, skip_N, keep_N, eps_N, rescale,
+    d_NxX = _sparsify(key, rd(xs_NxX.astype(jnp.float32) - base_X.astype(jnp.float32)), sparsifier, dens_N, thresholds, eps_N, rescale,
                       rd)
     if consensus is not None:
         mixed_X = elect_and_merge(d_NxX, w_N, method={"sum": "total", "count": "frequency"}[consensus],
@@ -135,9 +153,12 @@ def task_vector_merge(base_X: jax.Array, xs_NxX: jax.Array, key: jax.Array, *, s
     epsilons = epsilons or (0.0,) * n
     counts = [(0, magnitude_counts(d, size)) if sparsifier != "magnitude_outliers" else outlier_counts(d, g, size)
               for d, g in zip(densities, gammas)]
-    skip_N, keep_N = (np.asarray(c, np.int32) for c in zip(*counts))
+    if sparsifier in ("magnitude", "magnitude_outliers"):
+        thresholds = host_thresholds(base_X, xs_NxX, counts, np.asarray(base_X).dtype)
+    else:
+        thresholds = (np.zeros(n, np.uint32), np.zeros(n, np.uint32), np.zeros(n, bool), np.ones(n, bool))
     f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
-    args = (key, f32(weights), f32(densities), skip_N, keep_N, f32(epsilons), f32(lam))
+    args = (key, f32(weights), f32(densities), thresholds, f32(epsilons), f32(lam))
     kw = dict(sparsifier=sparsifier, consensus=consensus, normalize=normalize, rescale=rescale)
     if sparsifier == "della_magprune":
         return _task_vector_core(base_X, xs_NxX, *args, **kw)
