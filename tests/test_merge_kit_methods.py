@@ -88,3 +88,14 @@ def test_breadcrumbs_keeps_the_middle():
                                             sparsifier="magnitude_outliers", consensus=None, weights=(1.0,),
                                             densities=(0.6,), gammas=(0.05,), normalize=False, rescale=False))
     np.testing.assert_array_equal(ours, ref)
+
+
+def test_exactly_k_kept_when_magnitudes_tie():
+    """bf16 deltas tie at the cut by the thousand: mergekit keeps exactly max(1, int(density * n)); so do we."""
+    rng = np.random.default_rng(4)
+    d = rng.integers(-3, 4, size=(64, 48)).astype(np.float32)  # 7 distinct values
+    out = np.asarray(kit.task_vector_merge(np.zeros_like(d), d[None], jax.random.key(0), sparsifier="magnitude",
+                                           consensus=None, weights=(1.0,), densities=(0.37,), normalize=False,
+                                           rescale=False))
+    assert (out != 0).sum() == int(0.37 * d.size)
+    assert np.abs(out[out != 0]).min() >= np.abs(d[out == 0]).max()

@@ -58,9 +58,14 @@ def outlier_counts(density: float, gamma: float, n: int) -> tuple[int, int]:
     return n - n_bot - target, target
 
 
-def _rank_keep(bits_X: jax.Array, lower: jax.Array, upper: jax.Array, has_upper: jax.Array, any_kept: jax.Array):
-    """True where lower <= |d| (< upper if has_upper), on the bit patterns of ops._abs_bits."""
-    return (bits_X >= lower) & (~has_upper | (bits_X < upper)) & any_kept
+def _rank_keep(bits_X: jax.Array, lower: jax.Array, upper: jax.Array, has_upper: jax.Array, any_kept: jax.Array,
+               at_lower: jax.Array):
+    """True where lower < |d| (< upper if has_upper), plus the first `at_lower` entries (in flat order) equal to
+    `lower`, so that exactly the count asked for is kept even when many magnitudes tie at the cut (bf16
+    deltas often do; mergekit's choice among them is torch's unstable sort's, unspecified)."""
+    eq = bits_X == lower
+    first = (jnp.cumsum(eq.reshape(-1)).reshape(bits_X.shape) <= at_lower) & eq
+    return ((bits_X > lower) | first) & (~has_upper | (bits_X < upper)) & any_kept
 
 
 def host_thresholds(base_X, xs_NxX, counts: list[tuple[int, int]], dtype) -> tuple[np.ndarray, ...]:
@@ -68,10 +73,10 @@ def host_thresholds(base_X, xs_NxX, counts: list[tuple[int, int]], dtype) -> tup
     the inputs' dtype, as mergekit ranks it), by selection (np.partition: introselect, O(n), no sort)."""
     b32 = np.asarray(base_X, np.float32).reshape(-1)
     n = b32.size
-    lower, upper, has_upper, any_kept = [], [], [], []
+    lower, upper, has_upper, any_kept, at_lower = [], [], [], [], []
     for x, (skip, keep) in zip(xs_NxX, counts):
         if skip == 0 and keep >= n:
-            lower.append(0), upper.append(0), has_upper.append(False), any_kept.append(True)
+            lower.append(0), upper.append(0), has_upper.append(False), any_kept.append(True), at_lower.append(n)
             continue
         d = np.asarray(x, np.float32).reshape(-1) - b32
         if np.dtype(dtype) != np.float32:
@@ -80,8 +85,10 @@ def host_thresholds(base_X, xs_NxX, counts: list[tuple[int, int]], dtype) -> tup
         lower.append(np.partition(bits, n - (skip + keep))[n - (skip + keep)] if keep > 0 else 0)
         upper.append(np.partition(bits, n - skip)[n - skip] if skip > 0 else 0)
         has_upper.append(skip > 0), any_kept.append(keep > 0)
+        above = int((bits > lower[-1]).sum()) - (int((bits >= upper[-1]).sum()) if skip > 0 else 0)
+        at_lower.append(max(0, keep - above))
     return (np.asarray(lower, np.uint32), np.asarray(upper, np.uint32), np.asarray(has_upper),
-            np.asarray(any_kept))
+            np.asarray(any_kept), np.asarray(at_lower, np.int32))
 
 
 def della_probs(d_X: jax.Array, density: float, epsilon: float) -> jax.Array:
@@ -156,7 +163,8 @@ def task_vector_merge(base_X: jax.Array, xs_NxX: jax.Array, key: jax.Array, *, s
     if sparsifier in ("magnitude", "magnitude_outliers"):
         thresholds = host_thresholds(base_X, xs_NxX, counts, np.asarray(base_X).dtype)
     else:
-        thresholds = (np.zeros(n, np.uint32), np.zeros(n, np.uint32), np.zeros(n, bool), np.ones(n, bool))
+        thresholds = (np.zeros(n, np.uint32), np.zeros(n, np.uint32), np.zeros(n, bool), np.ones(n, bool),
+                      np.zeros(n, np.int32))
     f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
     args = (key, f32(weights), f32(densities), thresholds, f32(epsilons), f32(lam))
     kw = dict(sparsifier=sparsifier, consensus=consensus, normalize=normalize, rescale=rescale)
