@@ -56,14 +56,15 @@ def reference_params(params: Mapping, is_added: Callable[[Path], bool]) -> dict:
     unless a frozen `ref_<leaf>` sibling holds the initial adapter, which then takes its place. No array is
     copied."""
     flat = flatten_params(params)
+    with_ref = {p[:-1] for p in flat if p[-1].startswith(REF_PREFIX)}
     out = {}
     for path, leaf in flat.items():
         name = path[-1]
         if name.startswith(REF_PREFIX):
             out[path[:-1] + (name[len(REF_PREFIX):],)] = leaf
-        elif is_added(path) and path[:-1] + (REF_PREFIX + name,) not in flat:
-            continue
-        elif path not in out:
+        elif is_added(path) and path[:-1] not in with_ref:
+            continue  # the adapter's own leaf: switched off
+        elif path[:-1] + (REF_PREFIX + name,) not in flat:
             out[path] = leaf
     return unflatten_params(out)
 
