@@ -119,6 +119,7 @@ def _run(cfg, pref, method, method_config, guard, base_loader) -> dict[str, Any]
     def evaluate(p) -> dict[str, float]:
         if not eval_pairs:
             return {}
+        p = _without_reference(p)
         out = pref_eval(p)
         gen = generation_eval(model, p, tokenizer, prompts, score, max_new_tokens=max_new)
         out.update({f"eval_{k}": v for k, v in gen.items() if isinstance(v, float)})
