@@ -107,7 +107,7 @@ def _run(cfg, pref, method, method_config, guard, base_loader) -> dict[str, Any]
                             eval_every=cfg.eval_every, save_every=cfg.save_every)
     is_added = (lambda p: method.is_added(p, method_config))  # noqa: E731
     trainer = Trainer(model, params, labels, optim_cfg=optim_cfg, train_cfg=train_cfg, max_targets=max_targets,
-                      parallel=parallel, mesh=mesh, log_metrics=pref.metric_names(),
+                      parallel=parallel, mesh=mesh, log_metrics=pref.metric_names(), rows_per_example=2,
                       make_step=lambda tx: preference_step_fn(model, tx, pref, max_targets=max_targets,
                                                               is_added=is_added, train_model=train_model))
     batcher = PairBatcher(pairs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seq_len=seq_len,

@@ -44,10 +44,11 @@ class Trainer:
     def __init__(self, model: Any, params: Mapping, labels: Mapping, *, optim_cfg: optim.OptimConfig,
                  train_cfg: TrainConfig, max_targets: int, train_model: Any | None = None,
                  parallel: ParallelConfig | None = None, mesh: Any = None, make_step: Callable | None = None,
-                 log_metrics: tuple[str, ...] = ()) -> None:
+                 log_metrics: tuple[str, ...] = (), rows_per_example: int = 1) -> None:
         """`parallel`: a `sharding.ParallelConfig` (a mesh, or pmap: every device on data); None runs on the
         default device (a mesh of one). `make_step(tx)` returns a step replacing the causal-LM one (same
-        signature, e.g. jaxpeft/preference/step.py's); `log_metrics` name its extra metrics, logged per step."""
+        signature, e.g. jaxpeft/preference/step.py's); `log_metrics` name its extra metrics, logged per step;
+        `rows_per_example` is the rows each of batch_size's examples fills (a preference pair: 2)."""
         self.model, self.cfg = model, train_cfg
         trainable, frozen = split_trainable(params, labels)
         self.tx = optim.adamw(optim_cfg)
@@ -57,8 +58,9 @@ class Trainer:
         else:
             step_fn = make_step(self.tx)
         self.log_metrics = tuple(log_metrics)
-        self._runner = make_runner(parallel, model_config=getattr(model, "config", None),
-                                   micro_rows=train_cfg.batch_size // train_cfg.grad_accum, step_fn=step_fn,
+        micro_rows = rows_per_example * train_cfg.batch_size // train_cfg.grad_accum
+        self._runner = make_runner(parallel, model_config=getattr(model, "config", None), micro_rows=micro_rows,
+                                   step_fn=step_fn,
                                    tx=self.tx, trainable=trainable, frozen=frozen, seed=train_cfg.seed,
                                    mesh=mesh)
         self.frozen, self._state = self._runner.frozen, self._runner.initial_state
