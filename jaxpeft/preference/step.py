@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxpeft.core.errors import ConfigError
 from jaxpeft.core.partition import combine
 from jaxpeft.preference.data import pair_rows
 from jaxpeft.preference.logps import policy_params, row_logps, sequence_stats
@@ -39,8 +40,6 @@ class PreferenceConfig:
     init_adapter: str | None = None
 
     def __post_init__(self) -> None:
-        from jaxpeft.core.errors import ConfigError
-
         problems = []
         if self.loss not in LOSSES:
             problems.append(f"loss={self.loss!r}: expected one of {LOSSES}")
