@@ -69,3 +69,10 @@ def test_init_adapter_is_the_frozen_reference(full_run, tiny_model_dir, tmp_path
     assert abs(first["loss"] - math.log(2)) < 1e-6 and first["rewards/margins"] == 0.0
     base_first = _steps(full_run)[0]
     assert abs(first["logps/chosen"] - base_first["logps/chosen"]) > 1e-4
+
+
+def test_resume_refuses_a_changed_preference_setting(full_run, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "changed"
+    shutil.copytree(full_run, out)
+    assert dpo.run(["dpo", f"--model={tiny_model_dir}", f"--out={out}", *FLAGS, "--resume", "--beta=0.3"]) == 2
+    assert "preference" in capsys.readouterr().err
