@@ -43,16 +43,24 @@ class Trainer:
 
     def __init__(self, model: Any, params: Mapping, labels: Mapping, *, optim_cfg: optim.OptimConfig,
                  train_cfg: TrainConfig, max_targets: int, train_model: Any | None = None,
-                 parallel: ParallelConfig | None = None, mesh: Any = None) -> None:
+                 parallel: ParallelConfig | None = None, mesh: Any = None, make_step: Callable | None = None,
+                 log_metrics: tuple[str, ...] = (), rows_per_example: int = 1) -> None:
         """`parallel`: a `sharding.ParallelConfig` (a mesh, or pmap: every device on data); None runs on the
-        default device (a mesh of one)."""
+        default device (a mesh of one). `make_step(tx)` returns a step replacing the causal-LM one (same
+        signature, e.g. jaxpeft/preference/step.py's); `log_metrics` name its extra metrics, logged per step;
+        `rows_per_example` is the rows each of batch_size's examples fills (a preference pair: 2)."""
         self.model, self.cfg = model, train_cfg
         trainable, frozen = split_trainable(params, labels)
         self.tx = optim.adamw(optim_cfg)
         self.schedule = optim.schedule(optim_cfg)
-        step_fn = step_lib.train_step_fn(model, self.tx, max_targets=max_targets, train_model=train_model)
-        self._runner = make_runner(parallel, model_config=getattr(model, "config", None),
-                                   micro_rows=train_cfg.batch_size // train_cfg.grad_accum, step_fn=step_fn,
+        if make_step is None:
+            step_fn = step_lib.train_step_fn(model, self.tx, max_targets=max_targets, train_model=train_model)
+        else:
+            step_fn = make_step(self.tx)
+        self.log_metrics = tuple(log_metrics)
+        micro_rows = rows_per_example * train_cfg.batch_size // train_cfg.grad_accum
+        self._runner = make_runner(parallel, model_config=getattr(model, "config", None), micro_rows=micro_rows,
+                                   step_fn=step_fn,
                                    tx=self.tx, trainable=trainable, frozen=frozen, seed=train_cfg.seed,
                                    mesh=mesh)
         self.frozen, self._state = self._runner.frozen, self._runner.initial_state
@@ -117,7 +125,8 @@ class Trainer:
             if step_now % cfg.log_every == 0 or step_now == cfg.steps:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step_now, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                          "lr": float(self.schedule(step_now - 1)), "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                          "lr": float(self.schedule(step_now - 1)), "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                          **{k: metrics[k] for k in self.log_metrics}}
                 window_tokens, window_start = 0.0, time.perf_counter()
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 logs.append(record)

@@ -35,9 +35,10 @@ from jaxpeft.train.metrics import MetricsWriter, plot_losses
 from jaxpeft.train.run_config import RunConfig
 
 # Settings whose change alters the maths of a run, so --resume refuses them (`steps` may grow).
+# "preference": the loss, beta, smoothing, prompt budget and init adapter of experiments.dpo (absent for SFT).
 MATHS_KEYS = ("model", "dataset", "eval_split", "eval_dataset", "dataset_split", "dataset_config",
               "dataset_text_field", "field_map", "train_on", "chat_template", "truncation", "batch_size", "grad_accum", "seq_len", "lr",
-              "warmup_steps", "weight_decay", "max_grad_norm", "dtype", "seed", "pack", "method", "method_config",
+              "warmup_steps", "weight_decay", "max_grad_norm", "dtype", "seed", "pack", "method", "method_config", "preference",
               "base_loader")
 
 
