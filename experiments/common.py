@@ -189,9 +189,30 @@ def define_lora_flags(fv: flags.FlagValues, default_targets: str = "q_proj,k_pro
     flags.DEFINE_float("alpha", None, "LoRA alpha (default: 2 x rank).", flag_values=fv)
     flags.DEFINE_float("dropout", 0.0, "Dropout on the LoRA path.", flag_values=fv)
     flags.DEFINE_string("targets", default_targets,
-                        "Module-name suffixes (comma-separated), 'all-linear', or re:<regex>.", flag_values=fv)
+                        "Module-name suffixes (comma-separated), 'all-linear', or re:<regex>. Not given: the "
+                        "attention projections of the --model folder's family (Phi-3: qkv_proj,o_proj), else "
+                        "the default shown.", flag_values=fv)
     flags.DEFINE_bool("use_rslora", False, "Scale by alpha/sqrt(r) (rsLoRA).", flag_values=fv)
     flags.DEFINE_bool("use_dora", False, "Weight-decomposed LoRA (DoRA).", flag_values=fv)
+
+
+def family_attention_targets(model: str | None) -> tuple[str, ...] | None:
+    """The attention projections ("q_proj", ..., or Phi-3's fused "qkv_proj") of the family of a local HF
+    model folder, read from its config.json; None for anything else (the default model, a hub id, a GGUF
+    file, an unknown family: the caller keeps its default and the usual errors apply later)."""
+    import os
+
+    if not model or not os.path.isfile(os.path.join(model, "config.json")):
+        return None
+    from jaxpeft.convert.hf import read_config_json
+    from jaxpeft.core.errors import CheckpointError, UnsupportedModelError
+    from jaxpeft.models.families import family_of
+
+    try:
+        family = family_of(read_config_json(model).get("model_type"))
+    except (CheckpointError, UnsupportedModelError):
+        return None
+    return tuple(p.short for p in family.linears if p.name.startswith("self_attn."))
 
 
 def lora_config_from_flags(fv: flags.FlagValues):
@@ -202,6 +223,8 @@ def lora_config_from_flags(fv: flags.FlagValues):
         targets = parse_targets(fv.targets)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
+    if not fv["targets"].present:
+        targets = family_attention_targets(getattr(fv, "model", None)) or targets
     return LoraConfig(r=fv.rank, lora_alpha=fv.alpha if fv.alpha is not None else 2.0 * fv.rank,
                       lora_dropout=fv.dropout, target_modules=targets, use_rslora=fv.use_rslora,
                       use_dora=fv.use_dora)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import warnings
 
@@ -441,3 +442,27 @@ def test_preset_parameter_count_is_transformers_own(preset):
     theirs = sum(p.numel() for p in hf.parameters())
     ours = plan_memory(PRESETS[preset], PlanConfig(method="full")).base_params
     assert abs(ours / theirs - 1) < 1e-3, (ours, theirs)
+
+
+def test_the_lora_entry_points_default_to_the_family_attention_projections(tmp_path):
+    """No --targets: the --model folder's family decides (Phi-3's fused qkv_proj); an explicit one wins."""
+    from absl import flags
+
+    from experiments import lora
+
+    def targets(*argv: str):
+        fv = flags.FlagValues()
+        lora.define_flags(fv)
+        fv(["lora", *argv])
+        return lora.lora_config_from_flags(fv).target_modules
+
+    folders = {}
+    for model_type in ("phi3", "llama", "gemma2"):
+        folders[model_type] = tmp_path / model_type
+        folders[model_type].mkdir()
+        (folders[model_type] / "config.json").write_text(json.dumps({"model_type": model_type}))
+    assert targets(f"--model={folders['phi3']}") == ("qkv_proj", "o_proj")
+    assert targets(f"--model={folders['llama']}") == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert targets(f"--model={folders['gemma2']}") == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert targets(f"--model={folders['phi3']}", "--targets=o_proj") == ("o_proj",)
+    assert targets() == ("q_proj", "k_proj", "v_proj", "o_proj")  # the default model (SmolLM2, Llama)
