@@ -29,7 +29,7 @@ from jaxpeft.preference.tasks import PREFERENCE_TASKS, load_preference_task
 from jaxpeft.train import optim
 from jaxpeft.train.evaluate import generation_eval
 from jaxpeft.train.loop import TrainConfig, Trainer
-from jaxpeft.train.run import _load_base
+from jaxpeft.train.run import load_base
 from jaxpeft.train.run_config import RunConfig
 from jaxpeft.train.run_folder import RunFolder, run_settings
 from jaxpeft.train.run_guard import RunGuard
@@ -74,7 +74,7 @@ def _run(cfg, pref, method, method_config, guard, base_loader) -> dict[str, Any]
     folder = RunFolder(cfg, settings)
     parallel = resolve_parallel(cfg.mesh, cfg.parallel)
     mesh = run_mesh(parallel)
-    model, params, tokenizer, base_info = _load_base(cfg, base_loader, mesh)
+    model, params, tokenizer, base_info = load_base(cfg, base_loader, mesh)
     train_records, eval_records, score = load_preference_records(cfg)
     pairs = encode_pairs(tokenizer, train_records, seq_len=cfg.seq_len, max_prompt_len=pref.max_prompt_len,
                          name=cfg.dataset)

@@ -62,7 +62,7 @@ def _run_finetune(cfg: RunConfig, method: Method, method_config: Any, guard: Run
     folder = RunFolder(cfg, run_settings(cfg, method, method_config, base_loader))
     parallel = resolve_parallel(cfg.mesh, cfg.parallel)
     mesh = run_mesh(parallel)
-    model, params, tokenizer, base_info = _load_base(cfg, base_loader, mesh)
+    model, params, tokenizer, base_info = load_base(cfg, base_loader, mesh)
     data = prepare_data(cfg, tokenizer)
     method_config = method.prepare(method_config, model_config=model.config, tokenizer=tokenizer)
     params = method.init(jax.random.PRNGKey(cfg.seed), params, method_config)
@@ -105,7 +105,7 @@ def _run_finetune(cfg: RunConfig, method: Method, method_config: Any, guard: Run
     return results
 
 
-def _load_base(cfg: RunConfig, base_loader: Callable | None, mesh: Any) -> tuple[Any, dict, Any, dict]:
+def load_base(cfg: RunConfig, base_loader: Callable | None, mesh: Any) -> tuple[Any, dict, Any, dict]:
     """(model, params, tokenizer, info for config.json) from `from_pretrained` or the run's base loader,
     each weight read once and put straight onto its place on `mesh`."""
     load = from_pretrained if base_loader is None else base_loader
