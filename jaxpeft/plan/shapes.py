@@ -16,6 +16,9 @@ from typing import NamedTuple
 from jaxpeft.core.errors import CheckpointError, ConfigError
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.families import config_from_hf, family_of
+from jaxpeft.models.gemma import GemmaConfig
+from jaxpeft.models.phi3 import Phi3Config
+from jaxpeft.models.qwen3 import Qwen3Config
 
 
 def _llama2(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> LlamaConfig:
@@ -33,16 +36,12 @@ def _llama3(hidden: int, layers: int, heads: int) -> LlamaConfig:
 
 def _qwen3_8b() -> LlamaConfig:
     """Qwen/Qwen3-8B: head_dim 128 with 32 heads over hidden 4096, 8 kv heads, untied, q/k norms."""
-    from jaxpeft.models.qwen3 import Qwen3Config
-
     return Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
                        rope_theta=1000000.0, max_position_embeddings=40960)
 
 
 def _gemma(model_type: str, **kw) -> LlamaConfig:
-    from jaxpeft.models.gemma import GemmaConfig
-
     n = kw["num_hidden_layers"]
     every = 2 if model_type == "gemma2" else 6  # Gemma 2 alternates; Gemma 3 has 5 sliding layers, then 1 full
     kinds = tuple("sliding_attention" if (i + 1) % every else "full_attention" for i in range(n))
@@ -52,8 +51,6 @@ def _gemma(model_type: str, **kw) -> LlamaConfig:
 
 def _phi3_mini() -> LlamaConfig:
     """microsoft/Phi-3-mini-4k-instruct: fused qkv_proj / gate_up_proj, 32 heads of 96, window 2047."""
-    from jaxpeft.models.phi3 import Phi3Config
-
     return Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, head_dim=96, max_position_embeddings=4096,
                       original_max_position_embeddings=4096, sliding_window=2047)
