@@ -8,10 +8,7 @@ with `tiny_hf_model` (or deep-copies). Jax params are immutable, so sharing them
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
-import uuid
 
 import pytest
 
@@ -103,53 +100,3 @@ def smollm2_tokenizer():
             if os.path.isfile(os.path.join(folder, "tokenizer.json")):
                 return AutoTokenizer.from_pretrained(folder)
     return AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file=DEFAULT_GGUF_NAME)
-
-
-# ----------------------------------------------------------------------------------------------
-# One XLA compilation cache per test run, shared by the xdist workers and every subprocess they start.
-# Many tests compile the same program (the same tiny model's train step under a new Trainer, the same
-# entry point in a subprocess); the cache is keyed by the program's HLO and the compile options, so a hit
-# is the same executable. It starts empty in every run (a fresh directory) and is removed at the end.
-
-_CACHE_ENV = "JAXPEFT_TEST_COMPILATION_CACHE"  # "0" turns the cache off
-_CACHE_LIMIT = 8 << 30
-
-
-def _cache_dir(config) -> str:
-    """This run's directory: named by xdist's test-run id, which the controller fixes before it starts the
-    workers (so they all agree, and the controller knows what to remove)."""
-    if hasattr(config, "workerinput"):
-        run_id = config.workerinput["testrunuid"]
-    else:
-        run_id = getattr(config.option, "testrunuid", None) or uuid.uuid4().hex
-        if hasattr(config.option, "testrunuid"):
-            config.option.testrunuid = run_id
-    return os.path.join(tempfile.gettempdir(), f"jaxpeft-test-xla-cache-{run_id}")
-
-
-def pytest_configure(config):
-    if os.environ.get(_CACHE_ENV, "1") == "0":
-        return
-    path = _cache_dir(config)
-    config._jaxpeft_xla_cache = path
-    os.makedirs(path, exist_ok=True)
-    # Environment variables reach the subprocesses; jax reads them when it is imported.
-    os.environ.update({
-        "JAX_COMPILATION_CACHE_DIR": path,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-        # A size limit turns on the cache's file lock, so two processes never read a half-written entry.
-        "JAX_COMPILATION_CACHE_MAX_SIZE": str(_CACHE_LIMIT),
-    })
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    jax.config.update("jax_compilation_cache_max_size", _CACHE_LIMIT)
-
-
-def pytest_unconfigure(config):
-    path = getattr(config, "_jaxpeft_xla_cache", None)
-    if path and not hasattr(config, "workerinput"):  # the controller (or a run without xdist) cleans up
-        shutil.rmtree(path, ignore_errors=True)
