@@ -141,7 +141,8 @@ def _ids(tokenizer: Any, texts: list[str], *, special: bool, offsets: bool = Fal
                           f"{type(tokenizer).__name__}. Load it with use_fast=True.") from e
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items `a` and `b` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -192,7 +193,7 @@ def encode_new(tokenizer: Any, records: Sequence[Mapping], train_on: Mapping[str
         for n, (i, _, _, target_spans) in enumerate(group):
             ids = list(map(int, fulls["input_ids"][n]))
             if n in prompt_of:
-                cut = _common_prefix(prompt_of[n], ids)
+                cut = common_prefix(prompt_of[n], ids)
                 mask = [0] * cut + [1] * (len(ids) - cut)
             elif target_spans is not None:
                 mask = _mask_from_spans(fulls["offset_mapping"][n], target_spans)

@@ -44,6 +44,14 @@ _MODEL_KEYS = {
 _ROPE_TYPES = {"default", "linear", "dynamic", "llama3"}
 
 
+def raise_unsupported(model_type: str, problems: list[str]) -> None:
+    """The one error for a config's unsupported fields and values (every family's `from_hf`); none: returns."""
+    if problems:
+        raise UnsupportedModelError(
+            f"this {model_type} config has fields jaxpeft does not support:\n{bullet_list(problems)}\n"
+            "Remove or change them in config.json if they are not needed, or use a supported model.")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
     """Shapes and options of a Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2)."""
@@ -143,11 +151,7 @@ class LlamaConfig:
         sliding = hf.get("sliding_window")
         if model_type == "qwen2" and not hf.get("use_sliding_window", False):
             sliding = None
-        if problems:
-            raise UnsupportedModelError(
-                f"this {model_type} config has fields jaxpeft does not support:\n{bullet_list(problems)}\n"
-                "Remove or change them in config.json if they are not needed, or use a supported model."
-            )
+        raise_unsupported(model_type, problems)
         heads = int(hf["num_attention_heads"])
         eos = hf.get("eos_token_id")
         return cls(

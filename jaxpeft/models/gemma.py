@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxpeft.core.errors import UnsupportedModelError, bullet_list
+from jaxpeft.core.errors import UnsupportedModelError
 from jaxpeft.models import config as llama_config
 from jaxpeft.models import hooks, ops
 from jaxpeft.models.causal_lm import Cache, CausalLM, write_cache
@@ -94,10 +94,7 @@ class GemmaConfig(LlamaConfig):
         if len(layer_types) != n or set(layer_types) - {"full_attention", "sliding_attention"}:
             problems.append(f"layer_types={layer_types!r} (need {n} of full_attention / sliding_attention)")
         full, local = _rope(hf, model_type, problems)
-        if problems:
-            raise UnsupportedModelError(
-                f"this {model_type} config has fields jaxpeft does not support:\n{bullet_list(problems)}\n"
-                "Remove or change them in config.json if they are not needed, or use a supported model.")
+        llama_config.raise_unsupported(model_type, problems)
         heads = int(hf["num_attention_heads"])
         bias = bool(hf.get("attention_bias", False))
         eos = hf.get("eos_token_id")

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpeft.core.errors import UnsupportedModelError, bullet_list
+from jaxpeft.core.errors import UnsupportedModelError
 from jaxpeft.models import config as llama_config
 from jaxpeft.models import hooks, llama, ops
 from jaxpeft.models.causal_lm import write_cache
@@ -137,10 +137,7 @@ class Phi3Config(LlamaConfig):
                                                                 problems)
         else:
             problems.append(f"rope type {rope_type!r} (Phi-3 supports default, linear and longrope)")
-        if problems:
-            raise UnsupportedModelError(
-                f"this phi3 config has fields jaxpeft does not support:\n{bullet_list(problems)}\n"
-                "Remove or change them in config.json if they are not needed, or use a supported model.")
+        llama_config.raise_unsupported("phi3", problems)
         eos = hf.get("eos_token_id")
         window = hf.get("sliding_window")
         return cls(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from jaxpeft.core.errors import UnsupportedModelError, bullet_list
+from jaxpeft.core.errors import UnsupportedModelError
 from jaxpeft.models import config as llama_config
 from jaxpeft.models.config import LlamaConfig
 
@@ -59,10 +59,7 @@ class Qwen3Config(LlamaConfig):
             problems.append(f"layer_types={layer_types!r} (need {n} entries from {list(_LAYER_TYPES)})")
         if "sliding_attention" in layer_types and not window:
             problems.append("layer_types has sliding_attention layers but no sliding_window is set")
-        if problems:
-            raise UnsupportedModelError(
-                f"this qwen3 config has fields jaxpeft does not support:\n{bullet_list(problems)}\n"
-                "Remove or change them in config.json if they are not needed, or use a supported model.")
+        llama_config.raise_unsupported("qwen3", problems)
         heads = int(hf["num_attention_heads"])
         bias = bool(hf.get("attention_bias", False))
         eos = hf.get("eos_token_id")

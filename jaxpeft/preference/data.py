@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from jaxpeft.core.errors import ConfigError, bullet_list
+from jaxpeft.data.targets import common_prefix
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -61,15 +62,6 @@ def _ids(out: Any) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def tokenize_pair(tokenizer: Any, record: Mapping[str, Any]) -> dict[str, list[int]]:
     """{"prompt_ids", "chosen_ids", "rejected_ids"} of one record, as TRL 1.16 tokenizes it."""
     prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
@@ -84,7 +76,7 @@ def tokenize_pair(tokenizer: Any, record: Mapping[str, Any]) -> dict[str, list[i
         chosen = chosen if chosen.endswith(eos) else chosen + eos
         rejected = rejected if rejected.endswith(eos) else rejected + eos
         p, pc, pr = (_ids(tokenizer(t)) for t in (prompt, prompt + chosen, prompt + rejected))
-    n = min(_common_prefix(p, pc), _common_prefix(p, pr))
+    n = min(common_prefix(p, pc), common_prefix(p, pr))
     return {"prompt_ids": p[:n], "chosen_ids": pc[n:], "rejected_ids": pr[n:]}
 
 
