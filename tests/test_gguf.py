@@ -292,6 +292,7 @@ def test_read_gguf_rejects_unknown(tmp_path) -> None:
         read_gguf(path)
 
 
+@pytest.mark.slow  # the real 135M model in both libraries, 32 greedy steps each: ~90 s of CPU; every GGUF tensor is compared with transformers' in test_state_dict_matches_transformers, the cached folder's loading in test_cached_hf_folder
 @needs_smollm2
 def test_greedy_generation_matches_transformers_gguf_load(gguf_path: str, reference_model) -> None:
     """32 greedy tokens from a fixed chat prompt: jaxpeft (cached folder) == transformers (its GGUF load)."""

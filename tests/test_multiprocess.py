@@ -38,6 +38,7 @@ def _launch(*args: str, timeout: float) -> tuple[int, str, float]:
     return proc.returncode, out, time.monotonic() - start
 
 
+@pytest.mark.slow  # three JAX interpreters (launcher, two workers) each compiling every layout: ~120 s of CPU; the layouts' numerics on one process are test_sharding's, the launcher's control flow the tests below
 def test_two_processes_over_jax_distributed_agree_with_one_process(tmp_path):
     rc, out, _ = _launch("--num_processes=2", "--platform=cpu", "--devices_per_process=2", "--timeout=420",
                          "--initialization_timeout=60", "--", "-m", "tests.multiprocess_worker", f"--out={tmp_path}",

@@ -28,27 +28,43 @@ from jaxpeft.methods.lora import LoraConfig
 from jaxpeft.quant import quantize_params
 from jaxpeft.train import optim, sharding
 from jaxpeft.train.loop import TrainConfig, Trainer
-from tests.sharding_cases import CONFIG, LAYOUTS, model_and_init, model_and_params
+from tests.sharding_cases import CONFIG, DEFAULT_RUNS, LAYOUTS, model_and_init, model_and_params
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_DEVICES = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
                 "--xla_llvm_disable_expensive_passes=true")
 
 
-@pytest.fixture(scope="module")
-def cases():
+def _run_cases(*args: str) -> dict:
     env = {**os.environ, "XLA_FLAGS": FAKE_DEVICES, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tests.sharding_cases"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "tests.sharding_cases", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1800)
     if proc.returncode:
         raise AssertionError(f"tests.sharding_cases failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "one_device"])
-def test_every_layout_gives_the_one_device_loss_curve(cases, method, layout):
-    ref, got = cases["curves"][f"{method}/one_device"], cases["curves"][f"{method}/{layout}"]
+@pytest.fixture(scope="module")
+def cases():
+    return _run_cases()
+
+
+@pytest.fixture(scope="module")
+def all_cases():
+    return _run_cases("--all")
+
+
+# The default run trains DEFAULT_RUNS (each layout's step compiles anew: ~25 s of CPU apiece on 2 cores);
+# every other (method, layout) pair is slow, in its own subprocess with all of them.
+CURVE_CASES = [pytest.param(layout, method, marks=() if layout in DEFAULT_RUNS[method] else pytest.mark.slow(
+    reason="another layout's compile: the default run keeps one of each kind"))
+    for method in ("lora", "qlora") for layout in LAYOUTS if layout != "one_device"]
+
+
+@pytest.mark.parametrize("layout,method", CURVE_CASES)
+def test_every_layout_gives_the_one_device_loss_curve(request, layout, method):
+    found = request.getfixturevalue("cases" if layout in DEFAULT_RUNS[method] else "all_cases")
+    ref, got = found["curves"][f"{method}/one_device"], found["curves"][f"{method}/{layout}"]
     assert len(got["loss"]) == 3 and got["loss"][0] != got["loss"][-1]  # three real, different steps
     np.testing.assert_allclose(got["loss"], ref["loss"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], atol=1e-5, rtol=0)
