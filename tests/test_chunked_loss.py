@@ -53,19 +53,19 @@ def _batch(vocab: int, b: int = 2, s: int = 29, seed: int = 0):
             "loss_mask": jnp.asarray(loss_mask)}
 
 
-def _loss_and_grads(model, params, batch, max_targets, loss_chunk):
-    def loss(p):
-        nll, n = token_nll_sum(model, p, batch, max_targets, loss_chunk=loss_chunk)
+def _loss_and_grads(model, params, batch, max_targets, chunks):
+    """[(loss, grads) for each loss_chunk in `chunks`], all from one jitted function (one compile)."""
+    def loss(p, chunk):
+        nll, n = token_nll_sum(model, p, batch, max_targets, loss_chunk=chunk)
         return nll / n
-    return jax.jit(jax.value_and_grad(loss))(params)
+    return jax.jit(lambda p: [jax.value_and_grad(loss)(p, c) for c in chunks])(params)
 
 
 def test_big_vocab_softcapped_tied_head_same_loss_and_grads(gemma_big_vocab):
     _, model, params = gemma_big_vocab
     batch = _batch(BIG_VOCAB)
     # 45 slots (41 targets + 4 empty ones) in chunks of 16: the last chunk is padded, and so is K.
-    l0, g0 = _loss_and_grads(model, params, batch, 45, loss_chunk=0)
-    l1, g1 = _loss_and_grads(model, params, batch, 45, loss_chunk=16)
+    (l0, g0), (l1, g1) = _loss_and_grads(model, params, batch, 45, (0, 16))
     assert np.isfinite(float(l0)) and float(l0) > 1.0
     np.testing.assert_allclose(float(l1), float(l0), **EXACT_FP32)
     chex.assert_trees_all_close(g1, g0, **EXACT_FP32)
@@ -84,39 +84,41 @@ def test_big_vocab_loss_equals_transformers(gemma_big_vocab):
     np.testing.assert_allclose(float(nll / n), theirs, rtol=1e-5)
 
 
-def _head_loss_and_grads(model, params, h_KxD, t_K, loss_chunk):
-    """The head + loss alone (what chunking changes), gradients for every parameter and the hidden rows."""
-    def loss(p, h):
-        nll_K = target_nll(head_fn(model, p), h, t_K, vocab=model.config.vocab_size, loss_chunk=loss_chunk)
+def _head_loss_and_grads(models, params, h_KxD, t_K, chunks):
+    """The head + loss alone (what chunking changes), gradients for every parameter and the hidden rows: for
+    each model, for each loss_chunk, from one jitted function."""
+    def loss(p, h, model, chunk):
+        nll_K = target_nll(head_fn(model, p), h, t_K, vocab=model.config.vocab_size, loss_chunk=chunk)
         return nll_K.mean()
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, h_KxD)
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    return jax.jit(lambda p, h: [[grad(p, h, m, c) for c in chunks] for m in models])(params, h_KxD)
 
 
+# slow: the default run's budget; the 262k tied, soft-capped case above is the default run's check.
+@pytest.mark.slow
 def test_untied_bias_free_head_fp32_and_bf16(tiny_base):
     _, model, params = tiny_base(tied=False, layers=1)
     assert "lm_head" in params and "bias" not in params["lm_head"]
     rng = np.random.default_rng(1)
     h_KxD = jnp.asarray(rng.normal(size=(43, model.config.hidden_size)), jnp.float32)
     t_K = jnp.asarray(rng.integers(0, model.config.vocab_size, 43))
-    l0, g0 = _head_loss_and_grads(model, params, h_KxD, t_K, loss_chunk=0)
-    l1, g1 = _head_loss_and_grads(model, params, h_KxD, t_K, loss_chunk=5)
+    [(l0, g0), (l1, g1)], [(b0, gb0), (b1, gb1)] = _head_loss_and_grads(
+        (model, model.clone(dtype=jnp.bfloat16)), params, h_KxD, t_K, (0, 5))
     np.testing.assert_allclose(float(l1), float(l0), **EXACT_FP32)
     chex.assert_trees_all_close(g1, g0, **EXACT_FP32)
     assert float(jnp.abs(g1[0]["lm_head"]["kernel"]).sum()) > 0
-    bf16 = model.clone(dtype=jnp.bfloat16)
-    b0, gb0 = _head_loss_and_grads(bf16, params, h_KxD, t_K, loss_chunk=0)
-    b1, gb1 = _head_loss_and_grads(bf16, params, h_KxD, t_K, loss_chunk=5)
     np.testing.assert_allclose(float(b1), float(b0), **BF16)
     np.testing.assert_allclose(float(b1), float(l0), **BF16)
     chex.assert_trees_all_close(gb1, gb0, **BF16)
 
 
+# slow: the default run's budget (row_logps calls the same target_nll as the SFT loss checked above).
+@pytest.mark.slow
 def test_preference_logps_and_orpo_nll_chunked(tiny_base):
     _, model, params = tiny_base(tied=False, layers=1)
     batch = _batch(model.config.vocab_size, b=4, seed=2)
-    run = jax.jit(lambda p, chunk: row_logps(model, p, batch, 90, with_nll_rows=2, loss_chunk=chunk),
-                  static_argnums=1)
-    o0, o1 = run(params, 0), run(params, 7)
+    o0, o1 = jax.jit(lambda p: [row_logps(model, p, batch, 90, with_nll_rows=2, loss_chunk=c) for c in (0, 7)])(
+        params)
     assert float(o0["nll"]) > 0 and np.all(np.asarray(o0["logps"][:2]) < 0)
     chex.assert_trees_all_close(o1, o0, **EXACT_FP32)
 
