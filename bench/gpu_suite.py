@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = sorted(set(args.sections) - set(SECTIONS))
@@ -267,6 +268,7 @@ def train_one(args) -> dict:
     import numpy as np
 
     import jaxpeft
+    from bench.long_context import apply_attention, attention_option
     from jaxpeft.convert.bnb import Bnb4bitConfig
     from jaxpeft.methods import get_method
     from jaxpeft.methods.lora import LoraConfig
@@ -279,8 +281,12 @@ def train_one(args) -> dict:
     t0 = time.perf_counter()
     quantize = Bnb4bitConfig() if args.method == "qlora" else None
     dtype = dtype_name(args)
+    kwargs, how = attention_option(args.attention, jaxpeft.from_pretrained)
     model, params, _ = jaxpeft.from_pretrained(args.checkpoint, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype),
-                                               quantize=quantize, load_tokenizer=False)
+                                               quantize=quantize, load_tokenizer=False, **kwargs)
+    if not kwargs:
+        _, how = attention_option(args.attention, jaxpeft.from_pretrained, model)
+        model = apply_attention(model, args.attention, how)
     load_s = time.perf_counter() - t0
     targets = "q_proj,v_proj" if args.dry_run else "all-linear"  # the dry run: a smaller graph to compile
     lora = get_method("lora")
@@ -318,6 +324,7 @@ def train_one(args) -> dict:
                                           max_targets=k))
     peak = peak_device_bytes()
     return {"status": "ok", "method": args.method, "device": info, "load_s": load_s, "attempts": attempts,
+            "attention": args.attention or "default", "attention_applied": how,
             "batch": batch_rows, "seq": args.seq, "remat": remat, "s_per_step": med, "step_times": times,
             "tokens_per_s": batch_rows * args.seq / med, **flops,
             "mfu_pct": 100 * flops["model_flops"] / med / PEAK_FLOPS,
@@ -423,7 +430,6 @@ SECTION_FNS = {"tests": section_tests, "nf4": section_nf4, "train": section_trai
 def run_section(args: argparse.Namespace) -> None:
     """A section's process: its result (or its error) to <out>/<section>.json; train_one to stdout."""
     if args.section == "train_one":
-        args.checkpoint = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--checkpoint="))
         print("SECTION_RESULT " + json.dumps(train_one(args), default=str), flush=True)
         return
     path = Path(args.out) / f"{args.section}.json"
@@ -439,9 +445,7 @@ def run_section(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    known = [a for a in argv if not a.startswith("--checkpoint=")]
-    args = parse_args(known)
+    args = parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.section:
         run_section(args)
