@@ -133,6 +133,9 @@ def define_run_flags(fv: flags.FlagValues, default_steps: int = 200, default_lr:
     define_param_dtype_flag(fv)
     flags.DEFINE_bool("remat", False, "Recompute layer activations in the backward pass (saves memory).",
                       flag_values=fv)
+    flags.DEFINE_integer("loss_chunk", None, "Targets per chunk of the head + cross-entropy, so target x vocab "
+                         "logits never exist at once (0 = all at once; default: auto, by vocabulary size).",
+                         lower_bound=0, flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed for init, data order and dropout.", flag_values=fv)
     flags.DEFINE_integer("eval_every", 0, "Evaluate every N steps (0 = only before and after).", flag_values=fv)
     flags.DEFINE_integer("eval_examples", 100, "Held-out examples to evaluate (loss and generation metrics).",
@@ -250,7 +253,8 @@ def run_config_from_flags(fv: flags.FlagValues, method_name: str):
                      chat_template=f.chat_template, truncation=f.truncation,
                      steps=f.steps, batch_size=f.batch_size, grad_accum=f.grad_accum, seq_len=f.seq_len, pack=f.pack,
                      lr=f.lr, warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,
-                     max_grad_norm=f.max_grad_norm, dtype=f.dtype, param_dtype=f.param_dtype, remat=f.remat, seed=f.seed,
+                     max_grad_norm=f.max_grad_norm, dtype=f.dtype, param_dtype=f.param_dtype, remat=f.remat,
+                     loss_chunk=f.loss_chunk, seed=f.seed,
                      eval_every=f.eval_every, eval_examples=f.eval_examples, save_every=f.save_every,
                      keep_checkpoints=f.keep_checkpoints, resume=f.resume, overwrite=f.overwrite,
                      save_merged=f.save_merged, merged_dtype=f.merged_dtype, progress=f.progress,

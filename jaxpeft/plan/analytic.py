@@ -26,7 +26,8 @@ What is counted (GB = 1e9 bytes):
   With remat only each layer's input (T D c) is kept, and one layer's list is rebuilt while its
   backward runs.
 - transients: the loss head (logits of the K targets in fp32, K V 4, plus K V c when c != 4, and the
-  gathered hidden states and their cotangent, 2 K D c); one layer's backward (the larger of the
+  gathered hidden states and their cotangent, 2 K D c; with the chunked loss, train/chunked_loss.py, the
+  logits are one chunk's, C rows instead of K); one layer's backward (the larger of the
   attention's dscores and dprobs in fp32, 2 B H S S 4, and the MLP's dgate and dup, 2 T I c, which run
   one after the other; dh and dx, 2 T D c; with an NF4 base, one dequantized kernel in c); the
   attention mask (B S S bool) and rope tables (2 B S head_dim c) once.
@@ -47,6 +48,7 @@ from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.families import family_of
 from jaxpeft.plan.shapes import LinearShape, layer_linears
 from jaxpeft.quant.nf4 import ALLOWED_BLOCKSIZES as QUANT_BLOCKSIZES, NESTED_BLOCKSIZE
+from jaxpeft.train.chunked_loss import resolve_chunk
 
 METHODS = ("full", "lora", "qlora")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -73,6 +75,7 @@ class PlanConfig:
     quant_blocksize: int = 64
     double_quant: bool = True
     max_targets: int | None = None
+    loss_chunk: int | None = None  # as TrainConfig.loss_chunk: None auto, 0 off
 
     def __post_init__(self) -> None:
         problems = []
@@ -255,7 +258,8 @@ def plan_memory(config: LlamaConfig, plan: PlanConfig) -> MemoryPlan:
     kept = [t * c.hidden_size * cb] * n if plan.remat else saved
 
     k, v, d = plan.targets_k, c.vocab_size, c.hidden_size
-    head = k * v * 4 + (k * v * cb if cb != 4 else 0) + 2 * k * d * cb
+    rows = resolve_chunk(plan.loss_chunk, k, v) or k  # the logits rows alive at once
+    head = rows * v * 4 + (rows * v * cb if cb != 4 else 0) + 2 * k * d * cb
     scores = b * c.num_attention_heads * s * s
     dequant = 0
     if plan.method == "qlora":

@@ -33,7 +33,8 @@ def plan_run(*, cfg: Any, method: Any, method_config: Any, model: Any, params: M
     try:
         plan_cfg = PlanConfig(method=name, batch_size=cfg.batch_size // cfg.grad_accum, seq_len=seq_len,
                               remat=cfg.remat, dtype=jnp.dtype(model.dtype).name,
-                              param_dtype=tree_dtype_name(params), max_targets=max_targets, **extra)
+                              param_dtype=tree_dtype_name(params), max_targets=max_targets,
+                              loss_chunk=getattr(cfg, "loss_chunk", None), **extra)
         plan = plan_memory(model.config, plan_cfg)
     except (ConfigError, KeyError, ValueError):
         return None  # a family or setting the planner does not model

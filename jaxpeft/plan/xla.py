@@ -115,7 +115,7 @@ def abstract_train_step(config: LlamaConfig, plan: PlanConfig) -> tuple[Any, tup
     shape = (1, plan.batch_size, plan.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
     train_model = model.clone(deterministic=False, **method.model_kwargs(method_config))
-    step = make_train_step(model, tx, max_targets=plan.targets_k, train_model=train_model)
+    step = make_train_step(model, tx, max_targets=plan.targets_k, train_model=train_model, loss_chunk=plan.loss_chunk)
     return step, (state, frozen, batch)
 
 

@@ -17,16 +17,18 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.core.tree import Path, flatten_params, unflatten_params
-from jaxpeft.train.step import target_slots
+from jaxpeft.train.chunked_loss import target_nll
+from jaxpeft.train.step import head_fn, target_slots
 
 REF_PREFIX = "ref_"  # frozen copy of an --init_adapter leaf, beside it: lora_a -> ref_lora_a
 
 
 def row_logps(model: Any, params: Mapping, batch: Mapping[str, jax.Array], max_targets: int, *, rngs=None,
-              with_nll_rows: int = 0) -> dict[str, jax.Array]:
+              with_nll_rows: int = 0, loss_chunk: int | None = None) -> dict[str, jax.Array]:
     """{"logps": (R,) summed completion log-probs, "tokens": (R,) completion token counts} and, with
     `with_nll_rows` = n > 0, "nll": the mean cross-entropy over every attended token (prompt included) of the
-    first n rows (ORPO's chosen NLL)."""
+    first n rows (ORPO's chosen NLL). The head runs over chunks of `loss_chunk` targets (train/chunked_loss.py;
+    None: auto, 0: all at once)."""
     ids_RxS = batch["input_ids"]
     hidden_RxSxD = model.apply({"params": params}, ids_RxS, attention_mask_BxS=batch["attention_mask"],
                                positions_BxS=batch.get("positions"), return_hidden=True, rngs=rngs)
@@ -34,8 +36,8 @@ def row_logps(model: Any, params: Mapping, batch: Mapping[str, jax.Array], max_t
     idx_K, valid_K = target_slots(batch["loss_mask"], max_targets)
     h_KxD = hidden_RxSxD[:, :-1].reshape(r * (s - 1), d)[idx_K]
     targets_K = ids_RxS[:, 1:].reshape(-1)[idx_K]
-    logits_KxV = model.apply({"params": params}, h_KxD, method="head").astype(jnp.float32)
-    logp_K = jnp.take_along_axis(logits_KxV, targets_K[:, None], -1)[:, 0] - jax.nn.logsumexp(logits_KxV, -1)
+    head, vocab = head_fn(model, params), model.config.vocab_size
+    logp_K = -target_nll(head, h_KxD, targets_K, vocab=vocab, loss_chunk=loss_chunk)
     logp_K = jnp.where(valid_K, logp_K, 0.0)
     rows_K = idx_K // (s - 1)
     out = {"logps": jax.ops.segment_sum(logp_K, rows_K, num_segments=r),
@@ -43,9 +45,8 @@ def row_logps(model: Any, params: Mapping, batch: Mapping[str, jax.Array], max_t
     if with_nll_rows:
         n = with_nll_rows
         h_NxD = hidden_RxSxD[:n, :-1].reshape(n * (s - 1), d)
-        logits_NxV = model.apply({"params": params}, h_NxD, method="head").astype(jnp.float32)
         tgt_N = ids_RxS[:n, 1:].reshape(-1)
-        nll_N = jax.nn.logsumexp(logits_NxV, -1) - jnp.take_along_axis(logits_NxV, tgt_N[:, None], -1)[:, 0]
+        nll_N = target_nll(head, h_NxD, tgt_N, vocab=vocab, loss_chunk=loss_chunk)
         mask_N = batch["attention_mask"][:n, 1:].reshape(-1) > 0
         out["nll"] = jnp.sum(jnp.where(mask_N, nll_N, 0.0)) / jnp.maximum(jnp.sum(mask_N), 1)
     return out
@@ -75,20 +76,20 @@ def policy_params(params: Mapping) -> dict:
 
 
 def sequence_stats(model: Any, params: Mapping, batch: Mapping[str, jax.Array], *, max_targets: int,
-                   is_added: Callable[[Path], bool], loss: str, rngs=None, ref_model: Any = None
-                   ) -> dict[str, jax.Array]:
+                   is_added: Callable[[Path], bool], loss: str, rngs=None, ref_model: Any = None,
+                   loss_chunk: int | None = None) -> dict[str, jax.Array]:
     """What `losses.preference_loss` reads, for one concatenated micro-batch of R = 2B rows: the policy's
     summed completion log-probs, the reference's (no gradient; not for ORPO), the completion token counts and
     (ORPO) the chosen rows' NLL."""
     b = batch["input_ids"].shape[0] // 2
     pol = row_logps(model, policy_params(params), batch, max_targets, rngs=rngs,
-                    with_nll_rows=b if loss == "orpo" else 0)
+                    with_nll_rows=b if loss == "orpo" else 0, loss_chunk=loss_chunk)
     seq = {"policy_chosen": pol["logps"][:b], "policy_rejected": pol["logps"][b:],
            "chosen_tokens": pol["tokens"][:b], "rejected_tokens": pol["tokens"][b:]}
     if loss == "orpo":
         seq["chosen_nll"] = pol["nll"]
     else:
         ref_tree = jax.lax.stop_gradient(reference_params(params, is_added))
-        ref = row_logps(ref_model or model, ref_tree, batch, max_targets)["logps"]
+        ref = row_logps(ref_model or model, ref_tree, batch, max_targets, loss_chunk=loss_chunk)["logps"]
         seq["ref_chosen"], seq["ref_rejected"] = ref[:b], ref[b:]
     return seq

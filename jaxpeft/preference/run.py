@@ -104,12 +104,13 @@ def _run(cfg, pref, method, method_config, guard, base_loader) -> dict[str, Any]
     optim_cfg = optim.OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                                   weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
     train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
-                            eval_every=cfg.eval_every, save_every=cfg.save_every)
+                            eval_every=cfg.eval_every, save_every=cfg.save_every, loss_chunk=cfg.loss_chunk)
     is_added = (lambda p: method.is_added(p, method_config))  # noqa: E731
     trainer = Trainer(model, params, labels, optim_cfg=optim_cfg, train_cfg=train_cfg, max_targets=max_targets,
                       parallel=parallel, mesh=mesh, log_metrics=pref.metric_names(), rows_per_example=2,
                       make_step=lambda tx: preference_step_fn(model, tx, pref, max_targets=max_targets,
-                                                              is_added=is_added, train_model=train_model))
+                                                              is_added=is_added, train_model=train_model,
+                                                              loss_chunk=cfg.loss_chunk))
     batcher = PairBatcher(pairs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seq_len=seq_len,
                           pad_id=pad_id, seed=cfg.seed)
     pref_eval = PreferenceEvaluator(model, eval_pairs, seq_len=seq_len, pad_id=pad_id)

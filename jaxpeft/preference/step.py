@@ -59,14 +59,17 @@ class PreferenceConfig:
 
 
 def preference_step_fn(model: Any, tx: optax.GradientTransformation, pref: PreferenceConfig, *, max_targets: int,
-                       is_added: Callable, train_model: Any | None = None) -> Callable:
+                       is_added: Callable, train_model: Any | None = None, loss_chunk: int | None = None
+                       ) -> Callable:
     """step(state, frozen, batch_AxRxS) -> (state, metrics): the mean of the micro-batches' losses, their
-    gradients summed (each divided by A), TRL's metrics averaged over the micro-batches."""
+    gradients summed (each divided by A), TRL's metrics averaged over the micro-batches. `loss_chunk`: targets
+    per chunk of the head (train/chunked_loss.py; None: auto, 0: off)."""
     train_model = train_model or model
 
     def loss_fn(trainable, frozen, micro, key):
         seq = sequence_stats(train_model, combine(frozen, trainable), micro, max_targets=max_targets,
-                             is_added=is_added, loss=pref.loss, rngs={"dropout": key}, ref_model=model)
+                             is_added=is_added, loss=pref.loss, rngs={"dropout": key}, ref_model=model,
+                             loss_chunk=loss_chunk)
         return preference_loss(pref.loss, seq, beta=pref.beta, label_smoothing=pref.label_smoothing)
 
     def step(state, frozen, batch):

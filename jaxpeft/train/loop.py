@@ -13,6 +13,7 @@ from absl import logging
 from jaxpeft.core.errors import JaxPeftError
 from jaxpeft.core.partition import combine, split_trainable
 from jaxpeft.train import optim, step as step_lib
+from jaxpeft.train.chunked_loss import check_loss_chunk
 from jaxpeft.train.runners import make_runner
 from jaxpeft.train.sharding import ParallelConfig
 
@@ -30,8 +31,10 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0  # 0: no periodic evaluation
     save_every: int = 0  # 0: save only at the end
+    loss_chunk: int | None = None  # targets per chunk of the head + loss (train/chunked_loss.py); None auto, 0 off
 
     def __post_init__(self) -> None:
+        check_loss_chunk(self.loss_chunk)
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size and grad_accum must be positive")
         if self.batch_size % self.grad_accum:
@@ -54,7 +57,8 @@ class Trainer:
         self.tx = optim.adamw(optim_cfg)
         self.schedule = optim.schedule(optim_cfg)
         if make_step is None:
-            step_fn = step_lib.train_step_fn(model, self.tx, max_targets=max_targets, train_model=train_model)
+            step_fn = step_lib.train_step_fn(model, self.tx, max_targets=max_targets, train_model=train_model,
+                                             loss_chunk=train_cfg.loss_chunk)
         else:
             step_fn = make_step(self.tx)
         self.log_metrics = tuple(log_metrics)
@@ -83,9 +87,18 @@ class Trainer:
         """The full parameter tree (frozen base + current trainable leaves)."""
         return combine(self.frozen, self._state["params"])
 
+    def compiled_step(self, batch: Mapping[str, np.ndarray]) -> Any:
+        """The step compiled for `batch`'s shape, not run: `.memory_analysis()` says what a step will need
+        (bench/long_context.py compiles first and only runs what fits). The next train_step reuses it."""
+        return self._runner.compile(self._state, self.frozen, self._micro(batch))
+
+    def _micro(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        a = self.cfg.grad_accum
+        return {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in batch.items()}
+
     def train_step(self, batch: Mapping[str, np.ndarray]) -> dict[str, float]:
         a = self.cfg.grad_accum
-        micro = {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in batch.items()}
+        micro = self._micro(batch)
         targets = micro["loss_mask"][:, :, 1:].reshape(a, -1).sum(axis=1).max()
         if targets > self.max_targets:
             raise ValueError(f"a micro-batch has {targets} target tokens but max_targets is {self.max_targets}")

@@ -156,7 +156,7 @@ def _trainer(cfg: RunConfig, model: Any, params: dict, method: Method, method_co
     optim_cfg = optim.OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                                   weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
     train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
-                            eval_every=cfg.eval_every, save_every=cfg.save_every)
+                            eval_every=cfg.eval_every, save_every=cfg.save_every, loss_chunk=cfg.loss_chunk)
     return Trainer(model, params, method.labels(params, method_config), optim_cfg=optim_cfg, train_cfg=train_cfg,
                    max_targets=micro_batch_targets(data.encoded, rows, data.seq_len, cfg.pack),
                    train_model=model.clone(deterministic=False, **method.model_kwargs(method_config)),

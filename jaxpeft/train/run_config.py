@@ -33,6 +33,7 @@ class RunConfig:
     dtype: str = "auto"  # compute dtype; auto: the base's float dtype (core/dtypes.py)
     param_dtype: str = "auto"  # stored dtype of the base weights; auto: the checkpoint's
     remat: bool = False
+    loss_chunk: int | None = None  # targets per chunk of the head + loss (train/chunked_loss.py); None auto, 0 off
     seed: int = 0
     eval_every: int = 0
     save_every: int = 0

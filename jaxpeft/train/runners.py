@@ -53,12 +53,17 @@ class AheadOfTime:
         self._fn = fn
         self._compiled: dict[tuple, Callable] = {}
 
-    def __call__(self, state: Any, frozen: Any, batch: Mapping[str, Any]) -> tuple[Any, dict]:
+    def compile(self, state: Any, frozen: Any, batch: Mapping[str, Any]) -> Any:
+        """The compiled step for this batch shape (compiled once, then cached); its `memory_analysis()` is
+        the step's plan, known before anything runs."""
         key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
         if key not in self._compiled:
             self._compiled[key] = self._fn.lower(state, frozen, batch).compile()
             release_freed_memory()
-        return self._compiled[key](state, frozen, batch)
+        return self._compiled[key]
+
+    def __call__(self, state: Any, frozen: Any, batch: Mapping[str, Any]) -> tuple[Any, dict]:
+        return self.compile(state, frozen, batch)(state, frozen, batch)
 
 
 class MeshRunner:
@@ -88,6 +93,11 @@ class MeshRunner:
         """One optimizer step on the micro-batches `micro` (A, B, S), every process passing the same rows."""
         batch = {k: place(np.asarray(v), self._batch_sh) for k, v in micro.items()}
         return self._step(state, frozen, batch)
+
+    def compile(self, state, frozen, micro):
+        """The compiled step for micro-batches of this shape (`AheadOfTime.compile`), without running it."""
+        batch = {k: place(np.asarray(v), self._batch_sh) for k, v in micro.items()}
+        return self._step.compile(state, frozen, batch)
 
     def import_state(self, state):
         """`state` (e.g. restored from a checkpoint saved on any mesh) placed on this runner's shardings."""

@@ -2,7 +2,8 @@
 
 Shape legend: A accumulation micro-steps, B micro-batch rows, S sequence length, D hidden, K the
 static number of target slots per micro-batch (targets are gathered, so the vocabulary projection
-runs on K rows instead of B*S), V vocab.
+runs on K rows instead of B*S), V vocab. The head and cross-entropy run over chunks of those K rows
+(train/chunked_loss.py, `loss_chunk`), so K x V logits never exist at once for a large vocabulary.
 
 Loss-mask convention (see data/encode.py): loss_mask[b, t] == 1 means token t is a target, predicted
 by the hidden state at t - 1.
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxpeft.core.partition import combine
+from jaxpeft.train.chunked_loss import target_nll
 
 Batch = Mapping[str, jax.Array]
 
@@ -29,8 +31,15 @@ def target_slots(loss_mask_BxS, max_targets: int):
     return idx_K, valid_K
 
 
-def token_nll_sum(model: Any, params: Mapping, batch: Batch, max_targets: int, rngs=None):
-    """(sum of target-token NLL, number of target tokens) for one micro-batch."""
+def head_fn(model: Any, params: Mapping) -> Callable[[jax.Array], jax.Array]:
+    """hidden rows -> logits through the model's own `head` (tied or not, soft-capped or not)."""
+    return lambda h_CxD: model.apply({"params": params}, h_CxD, method="head")
+
+
+def token_nll_sum(model: Any, params: Mapping, batch: Batch, max_targets: int, rngs=None, *,
+                  loss_chunk: int | None = None):
+    """(sum of target-token NLL, number of target tokens) for one micro-batch; `loss_chunk` as
+    `chunked_loss.resolve_chunk` (None: auto, 0: all K targets at once)."""
     ids = batch["input_ids"]
     hidden = model.apply(
         {"params": params}, ids, attention_mask_BxS=batch["attention_mask"],
@@ -41,8 +50,8 @@ def token_nll_sum(model: Any, params: Mapping, batch: Batch, max_targets: int, r
     idx_K, valid_K = target_slots(batch["loss_mask"], max_targets)
     h_KxD = hidden[:, :-1].reshape(b * (s - 1), d)[idx_K]
     targets_K = ids[:, 1:].reshape(-1)[idx_K]
-    logits_KxV = model.apply({"params": params}, h_KxD, method="head").astype(jnp.float32)
-    nll_K = jax.nn.logsumexp(logits_KxV, axis=-1) - jnp.take_along_axis(logits_KxV, targets_K[:, None], -1)[:, 0]
+    nll_K = target_nll(head_fn(model, params), h_KxD, targets_K, vocab=model.config.vocab_size,
+                       loss_chunk=loss_chunk)
     return jnp.sum(jnp.where(valid_K, nll_K, 0.0)), jnp.sum(valid_K)
 
 
@@ -52,13 +61,15 @@ def make_train_step(
     *,
     max_targets: int,
     train_model: Any | None = None,
+    loss_chunk: int | None = None,
 ) -> Callable:
     """Returns step(state, frozen, batch_AxBxS) -> (state, metrics); jitted, the state donated.
 
     `state` = {"params": trainable leaves, "opt_state", "step", "rng"}; gradients are taken with respect to
     the trainable leaves only. `train_model` (e.g. with dropout on) defaults to `model`.
     """
-    return jax.jit(train_step_fn(model, tx, max_targets=max_targets, train_model=train_model), donate_argnums=(0,))
+    return jax.jit(train_step_fn(model, tx, max_targets=max_targets, train_model=train_model, loss_chunk=loss_chunk),
+                   donate_argnums=(0,))
 
 
 def train_step_fn(
@@ -68,17 +79,19 @@ def train_step_fn(
     max_targets: int,
     train_model: Any | None = None,
     axis_name: str | None = None,
+    loss_chunk: int | None = None,
 ) -> Callable:
     """The unjitted step of `make_train_step` (train/sharding.py jits it with shardings, or pmaps it).
 
     With `axis_name` (pmap) the target count, loss and gradients are summed over that axis, so every
-    device computes the step of the whole batch; dropout keys are folded with the device index.
+    device computes the step of the whole batch; dropout keys are folded with the device index. `loss_chunk`:
+    targets per chunk of the head + cross-entropy (train/chunked_loss.py; None: auto, 0: off).
     """
     train_model = train_model or model
 
     def loss_fn(trainable, frozen, micro, key, n_total):
         params = combine(frozen, trainable)
-        nll, n = token_nll_sum(train_model, params, micro, max_targets, rngs={"dropout": key})
+        nll, n = token_nll_sum(train_model, params, micro, max_targets, rngs={"dropout": key}, loss_chunk=loss_chunk)
         return nll / n_total, n
 
     def step(state, frozen, batch):
@@ -114,11 +127,11 @@ def train_step_fn(
     return step
 
 
-def make_eval_step(model: Any, *, max_targets: int) -> Callable:
+def make_eval_step(model: Any, *, max_targets: int, loss_chunk: int | None = None) -> Callable:
     """Returns eval(params, batch_BxS) -> (nll sum, target count), jitted."""
 
     def run(params, batch):
-        return token_nll_sum(model, params, batch, max_targets)
+        return token_nll_sum(model, params, batch, max_targets, loss_chunk=loss_chunk)
 
     return jax.jit(run)
 
