@@ -1,0 +1,167 @@
+"""Mixture of experts (Mixtral, Qwen3-MoE) against transformers 5.24 and PEFT 0.21.2: logits with padding, the
+router's load-balancing loss, greedy generation, HF folders both ways, grouped == dense-all-experts, and LoRA on
+the experts in PEFT's `target_parameters` form (both ways, merged export).
+
+The tiny models are `hf_tiny.FAMILY_CASES`' (conftest `family_base`): Mixtral 7 experts top 3 with a window of 5,
+Qwen3-MoE 6 experts top 3 without renormalisation, layer 1 dense, tied head; routers of std 1 so the batch reaches
+every expert (checked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpeft import from_pretrained, save_hf_folder
+from jaxpeft.kernels import moe as moe_kernels
+from jaxpeft.models.causal_lm import default_positions
+from jaxpeft.models.generate import generate
+from jaxpeft.train import router_loss
+from tests import tolerances
+from tests.hf_tiny import VOCAB, hf_logits
+
+torch = pytest.importorskip("torch")
+
+NAMES = ["mixtral", "qwen3_moe"]
+IDS = np.random.default_rng(0).integers(3, VOCAB, (3, 23))  # the same shape as tests/test_families.py's
+
+
+def _padded():
+    mask = np.ones(IDS.shape, np.int64)
+    mask[0, :7] = 0  # left padded
+    mask[1, 18:] = 0  # right padded
+    return IDS, mask
+
+
+def _hf_forward(hf, ids, mask, **kw):
+    positions = np.asarray(default_positions(jnp.asarray(mask)))
+    with torch.no_grad():
+        return hf(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions), **kw)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers_with_padding_and_every_expert_is_used(family_base, name):
+    hf, model, params = family_base(name)
+    ids, mask = _padded()
+    out = _hf_forward(hf, ids, mask, output_router_logits=True)
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), attention_mask_BxS=jnp.asarray(mask)))
+    real = mask.astype(bool)
+    chex.assert_trees_all_close(ours[real], out.logits.numpy()[real], **tolerances.LOGITS_FP32)
+    c = model.config
+    assert len(out.router_logits) == len(c.sparse_layers()) >= 2
+    for logits in out.router_logits:  # routing that uses every expert on the real tokens of the batch
+        chosen = torch.topk(logits, c.num_experts_per_tok, dim=-1).indices.numpy()[real.reshape(-1)]
+        assert set(chosen.reshape(-1).tolist()) == set(range(c.num_experts))
+    if name == "qwen3_moe":
+        assert not c.is_sparse_layer(1) and "experts" not in params["model"]["layers"]["1"]["mlp"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_router_aux_loss_matches_transformers_and_joins_the_train_loss(family_base, name):
+    hf, model, params = family_base(name)
+    ids, mask = _padded()
+    theirs = float(_hf_forward(hf, ids, mask, output_router_logits=True).aux_loss)
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+    assert not router_loss.enabled(model) and float(router_loss.term(model, params, batch)) == 0.0
+    ours = float(router_loss.aux_loss(model, params, batch))
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+    on = model.clone(config=dataclasses.replace(model.config, output_router_logits=True, router_aux_loss_coef=0.37))
+    np.testing.assert_allclose(float(router_loss.term(on, params, batch)), 0.37 * theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_generation_matches_transformers(family_base, name):
+    hf, model, params = family_base(name)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, VOCAB, n).tolist() for n in (4, 13)]  # 13 > the tiny window
+    width = max(map(len, prompts))
+    ids = np.zeros((len(prompts), width), np.int64)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    with torch.no_grad():
+        out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert generate(model, params, prompts, max_new_tokens=12) == out[:, width:].tolist()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hf_folders_both_ways(family_base, name, tmp_path):
+    """transformers' save_pretrained writes one tensor per expert (legacy names); both are read and written so."""
+    import transformers
+    from safetensors import safe_open
+
+    hf, model, params = family_base(name)
+    hf.save_pretrained(tmp_path / "theirs")
+    loaded_model, loaded, _ = from_pretrained(str(tmp_path / "theirs"), load_tokenizer=False)
+    assert loaded_model.config == model.config
+    chex.assert_trees_all_equal(loaded, params)
+    out = save_hf_folder(tmp_path / "ours", params, model.config)
+    with safe_open(str(out / "model.safetensors"), "np") as f, \
+            safe_open(str(tmp_path / "theirs" / "model.safetensors"), "np") as g:
+        assert sorted(f.keys()) == sorted(g.keys())
+    again = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager",
+                                                              experts_implementation="eager").eval()
+    chex.assert_trees_all_close(hf_logits(again, IDS), hf_logits(hf, IDS), **tolerances.EXACT)
+
+
+def _random_routing(n, h, i, e, k, seed):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n, h)), jnp.float32)
+    gate_up = jnp.asarray(rng.standard_normal((e, 2 * i, h)) / np.sqrt(h), jnp.float32)
+    down = jnp.asarray(rng.standard_normal((e, h, i)) / np.sqrt(i), jnp.float32)
+    experts = jnp.asarray(np.argsort(-rng.standard_normal((n, e)), axis=1)[:, :k], jnp.int32)
+    weights = jnp.asarray(rng.random((n, k)), jnp.float32)
+    return x, gate_up, down, experts, weights
+
+
+@pytest.mark.parametrize("tile", [None, 4])
+def test_grouped_equals_dense_all_experts_forward_and_gradients(tile):
+    x, gate_up, down, experts, weights = _random_routing(37, 12, 7, 5, 2, seed=3)
+    lopsided = experts.at[:30].set(jnp.asarray([0, 1]))  # most tokens on two experts, one expert unused
+
+    for routing in (experts, lopsided):
+        def loss(fn, x, gu, d, w):
+            return jnp.sum(jnp.sin(fn(x, gu, d, routing, w, jnp.float32)))
+
+        dense = jax.value_and_grad(lambda *a: loss(moe_kernels.expert_mlp_dense, *a), argnums=(0, 1, 2, 3))
+        grouped = jax.value_and_grad(lambda *a: loss(lambda *b: moe_kernels.expert_mlp_grouped(*b, tile=tile), *a),
+                                     argnums=(0, 1, 2, 3))
+        chex.assert_trees_all_close(grouped(x, gate_up, down, weights), dense(x, gate_up, down, weights),
+                                    **tolerances.GRAD_FP32)
+    ragged = moe_kernels.expert_mlp_ragged(x, gate_up, down, experts, weights, jnp.float32)  # its maths (any CPU)
+    chex.assert_trees_all_close(ragged, moe_kernels.expert_mlp_dense(x, gate_up, down, experts, weights, jnp.float32),
+                                **tolerances.GRAD_FP32)
+
+
+def test_the_gate_keeps_ragged_dot_off_the_cpu_and_the_model_can_run_dense(family_base):
+    ok, reason = moe_kernels.supports("ragged_dot", "cpu")
+    assert not ok and "dense dot over every expert" in reason
+    assert moe_kernels.supports("ragged_dot", "gpu")[0] and moe_kernels.default_implementation("gpu") == "ragged_dot"
+    assert moe_kernels.default_implementation("cpu") == "grouped"
+    with pytest.raises(NotImplementedError, match="ragged_dot"):
+        moe_kernels.expert_mlp(*_random_routing(5, 4, 3, 3, 2, 0), jnp.float32,
+                               implementation="ragged_dot" if jax.default_backend() != "gpu" else "nope")
+    _, model, params = family_base("mixtral")
+    dense = model.clone(config=dataclasses.replace(model.config, moe_implementation="dense"))
+    chex.assert_trees_all_close(np.asarray(dense.apply({"params": params}, jnp.asarray(IDS))),
+                                np.asarray(model.apply({"params": params}, jnp.asarray(IDS))), **tolerances.GRAD_FP32)
+
+
+def test_config_errors_name_every_unsupported_field():
+    from jaxpeft.core.errors import UnsupportedModelError
+    from jaxpeft.models.mixtral import MixtralConfig
+
+    hf = json.loads(json.dumps(dict(model_type="mixtral", vocab_size=11, hidden_size=8, intermediate_size=4,
+                                    num_hidden_layers=1, num_attention_heads=2, num_local_experts=4,
+                                    num_experts_per_tok=5, router_jitter_noise=0.1, frobnicate=1)))
+    with pytest.raises(UnsupportedModelError) as e:
+        MixtralConfig.from_hf(hf)
+    for what in ("router_jitter_noise", "frobnicate", "num_experts_per_tok=5"):
+        assert what in str(e.value)
