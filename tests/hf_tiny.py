@@ -68,12 +68,13 @@ def tiny_hf_config(model_type: str = "llama", *, tied: bool = False, bias: bool 
         kw["rope_parameters"] = rope
         return transformers.Phi3Config(**kw)
     if model_type == "mixtral":
-        # 7 experts of width 22, top 3 (several experts per token; 3 * 23 tokens reach every expert).
-        kw.update(intermediate_size=22, num_local_experts=7, num_experts_per_tok=3, sliding_window=sliding_window)
+        # 7 experts of width 28, top 3 (several experts per token; 3 * 23 tokens reach every expert). Expert widths
+        # are multiples of 4 floats: transformers' default grouped_mm experts need 16-byte strides.
+        kw.update(intermediate_size=28, num_local_experts=7, num_experts_per_tok=3, sliding_window=sliding_window)
         return transformers.MixtralConfig(**kw)
     if model_type == "qwen3_moe":
-        # 6 experts of width 14, top 3 without renormalising; layer 1 dense (mlp_only_layers), head_dim 12.
-        kw.update(head_dim=12, attention_bias=bias, moe_intermediate_size=14, num_experts=6, num_experts_per_tok=3,
+        # 6 experts of width 20, top 3 without renormalising; layer 1 dense (mlp_only_layers), head_dim 12.
+        kw.update(head_dim=12, attention_bias=bias, moe_intermediate_size=20, num_experts=6, num_experts_per_tok=3,
                   norm_topk_prob=False, mlp_only_layers=[1], use_sliding_window=sliding_window is not None,
                   sliding_window=sliding_window)
         return transformers.Qwen3MoeConfig(**kw)

@@ -2,7 +2,7 @@
 router's load-balancing loss, greedy generation, HF folders both ways, grouped == dense-all-experts, and LoRA on
 the experts in PEFT's `target_parameters` form (both ways, merged export).
 
-The tiny models are `hf_tiny.FAMILY_CASES`' (conftest `family_base`): Mixtral 7 experts top 3 with a window of 5,
+The tiny models are `hf_tiny.FAMILY_CASES`' (conftest `family_base`): Mixtral 7 experts (width 28) top 3 with a window of 5,
 Qwen3-MoE 6 experts top 3 without renormalisation, layer 1 dense, tied head; routers of std 1 so the batch reaches
 every expert (checked).
 """
@@ -165,3 +165,112 @@ def test_config_errors_name_every_unsupported_field():
         MixtralConfig.from_hf(hf)
     for what in ("router_jitter_noise", "frobnicate", "num_experts_per_tok=5"):
         assert what in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ LoRA on the experts
+
+EXPERT_TARGETS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")
+
+
+def _peft_model(hf, folder_or_config):
+    import copy
+
+    import peft
+
+    base = copy.deepcopy(hf)
+    if isinstance(folder_or_config, peft.LoraConfig):
+        return peft.get_peft_model(base, folder_or_config).eval()
+    return peft.PeftModel.from_pretrained(base, str(folder_or_config)).eval()
+
+
+def test_an_expert_adapter_trained_here_loads_in_peft_and_merges_into_a_transformers_folder(family_base, tmp_path,
+                                                                                              caplog):
+    import transformers
+
+    from jaxpeft.methods import get_method
+    from jaxpeft.methods.lora import LoraConfig
+    from jaxpeft.train import optim
+    from jaxpeft.train.loop import TrainConfig, Trainer
+
+    lora = get_method("lora")
+    hf, model, params = family_base("mixtral")
+    cfg = LoraConfig(r=2, lora_alpha=5, target_modules=("q_proj", "v_proj"), target_parameters=EXPERT_TARGETS)
+    adapted = lora.init(jax.random.PRNGKey(0), params, cfg)
+    stack = adapted["model"]["layers"]["0"]["mlp"]["experts"]["gate_up_proj"]
+    assert stack["lora_a"].shape == (7, 2, 40) and stack["lora_b"].shape == (7, 56, 2)
+    trainer = Trainer(model, adapted, lora.labels(adapted, cfg),
+                      optim_cfg=optim.OptimConfig(lr=5e-2, total_steps=3, warmup_steps=0),
+                      train_cfg=TrainConfig(steps=3, batch_size=3), max_targets=40)
+    ids, mask = _padded()
+    batch = {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
+             "loss_mask": (mask * (np.arange(23) >= 10)).astype(np.int32)}
+    for _ in range(3):
+        trainer.train_step(batch)
+    trained = trainer.params()
+    b = np.asarray(trained["model"]["layers"]["1"]["mlp"]["experts"]["down_proj"]["lora_b"])
+    assert np.abs(b).max() > 0 and not np.allclose(b[0], b[1])  # trained, and per expert
+    ours = np.asarray(model.apply({"params": trained}, jnp.asarray(ids), attention_mask_BxS=jnp.asarray(mask)))
+    folder = tmp_path / "adapter"
+    lora.save(folder, trained, cfg, model_config=model.config, base_model_name_or_path="tiny-mixtral")
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    assert saved["target_parameters"] == list(EXPERT_TARGETS) and "gate" not in saved["target_modules"]
+    with caplog.at_level("WARNING"):
+        pm = _peft_model(hf, folder)
+    assert "missing adapter keys" not in caplog.text.lower()
+    real = mask.astype(bool)
+    theirs = _hf_forward(pm, ids, mask).logits.numpy()
+    chex.assert_trees_all_close(ours[real], theirs[real], **tolerances.LOGITS_FP32)
+    assert np.abs(ours - np.asarray(model.apply({"params": params}, jnp.asarray(ids),
+                                                attention_mask_BxS=jnp.asarray(mask))))[real].max() > 1e-3
+
+    # merge_and_unload, and the merged folder in transformers: the same logits as the adapted model.
+    from jaxpeft.merge.unload import merge_and_unload, save_merged
+
+    merged = merge_and_unload(trained, "lora", cfg)
+    chex.assert_trees_all_close(np.asarray(model.apply({"params": merged}, jnp.asarray(ids),
+                                                       attention_mask_BxS=jnp.asarray(mask)))[real], ours[real],
+                                **tolerances.LOGITS_FP32)
+    out = save_merged(tmp_path / "merged", trained, "lora", cfg, model.config, dtype="float32")
+    again = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager",
+                                                              experts_implementation="eager").eval()
+    chex.assert_trees_all_close(_hf_forward(again, ids, mask).logits.numpy()[real], ours[real],
+                                **tolerances.LOGITS_FP32)
+
+
+def test_peft_expert_adapter_loads_here_with_the_same_logits(family_base, tmp_path):
+    import peft
+    import torch
+
+    from jaxpeft.methods.lora import load_peft_adapter
+
+    for name in NAMES:
+        hf, model, params = family_base(name)
+        cfg = peft.LoraConfig(r=3, lora_alpha=7, target_modules=["k_proj"], target_parameters=list(EXPERT_TARGETS),
+                              init_lora_weights=False)
+        pm = _peft_model(hf, cfg)
+        with torch.no_grad():  # random factors: every expert's delta differs
+            g = torch.Generator().manual_seed(5)
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        pm.save_pretrained(str(tmp_path / name))
+        loaded_model, loaded, config = load_peft_adapter(tmp_path / name, model, params)
+        assert sorted(config.target_parameters) == sorted(EXPERT_TARGETS)
+        ids, mask = _padded()
+        ours = np.asarray(loaded_model.apply({"params": loaded}, jnp.asarray(ids), attention_mask_BxS=jnp.asarray(mask)))
+        theirs = _hf_forward(pm, ids, mask).logits.numpy()
+        real = mask.astype(bool)
+        chex.assert_trees_all_close(ours[real], theirs[real], **tolerances.LOGITS_FP32)
+
+
+def test_target_parameters_refuse_dropout_and_dora_and_unknown_names(family_base):
+    from jaxpeft.core.errors import ConfigError
+    from jaxpeft.methods import get_method
+    from jaxpeft.methods.lora import LoraConfig
+
+    for bad, why in ((dict(lora_dropout=0.1), "no adapter input to drop out"), (dict(use_dora=True), "DoRA")):
+        with pytest.raises(ConfigError, match=why):
+            LoraConfig(target_parameters=EXPERT_TARGETS, **bad)
+    _, _, params = family_base("mixtral")
+    with pytest.raises(ConfigError, match="mlp.experts.up_proj"):
+        get_method("lora").init(jax.random.PRNGKey(0), params, LoraConfig(target_parameters=("mlp.experts.up_proj",)))
