@@ -274,3 +274,27 @@ def test_target_parameters_refuse_dropout_and_dora_and_unknown_names(family_base
     _, _, params = family_base("mixtral")
     with pytest.raises(ConfigError, match="mlp.experts.up_proj"):
         get_method("lora").init(jax.random.PRNGKey(0), params, LoraConfig(target_parameters=("mlp.experts.up_proj",)))
+
+
+def test_the_lora_entry_point_refuses_target_parameters_with_dropout_or_dora(tmp_path):
+    from tests.cli import run_entry
+
+    for bad in ("--dropout=0.1", "--use_dora"):
+        proc = run_entry("experiments.lora", "--target_parameters=mlp.experts.gate_up_proj", bad, "--steps=1",
+                         f"--out={tmp_path / 'run'}", check=False)
+        assert proc.returncode != 0 and "target_parameters" in proc.stderr, proc.stderr[-500:]
+
+
+@pytest.mark.slow(reason="a whole LoRA run on a tiny Mixtral folder (tokenizer training, two compiles)")
+def test_the_lora_entry_point_trains_expert_lora_on_a_mixtral_folder(tmp_path):
+    from tests.cli import run_entry
+    from tests.hf_tiny import tiny_model_folder
+
+    model = tiny_model_folder(tmp_path / "mixtral", family="mixtral")
+    out = tmp_path / "run"
+    run_entry("experiments.lora", f"--model={model}", "--rank=2", "--steps=2", "--batch_size=2", "--eval_examples=2",
+              "--targets=q_proj,v_proj", "--target_parameters=mlp.experts.gate_up_proj,mlp.experts.down_proj",
+              f"--out={out}", "--noprogress")
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
