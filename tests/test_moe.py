@@ -75,6 +75,7 @@ def test_router_aux_loss_matches_transformers_and_joins_the_train_loss(family_ba
     np.testing.assert_allclose(float(router_loss.term(on, params, batch)), 0.37 * theirs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow(reason="decode loops on both sides, ~25-35 s a family on 2 shared cores")
 @pytest.mark.parametrize("name", NAMES)
 def test_greedy_generation_matches_transformers(family_base, name):
     hf, model, params = family_base(name)
@@ -121,7 +122,7 @@ def _random_routing(n, h, i, e, k, seed):
     return x, gate_up, down, experts, weights
 
 
-@pytest.mark.parametrize("tile", [None, 4])
+@pytest.mark.parametrize("tile", [4, pytest.param(None, marks=pytest.mark.slow(reason="the default tile: another compile"))])
 def test_grouped_equals_dense_all_experts_forward_and_gradients(tile):
     x, gate_up, down, experts, weights = _random_routing(37, 12, 7, 5, 2, seed=3)
     lopsided = experts.at[:30].set(jnp.asarray([0, 1]))  # most tokens on two experts, one expert unused
@@ -130,9 +131,9 @@ def test_grouped_equals_dense_all_experts_forward_and_gradients(tile):
         def loss(fn, x, gu, d, w):
             return jnp.sum(jnp.sin(fn(x, gu, d, routing, w, jnp.float32)))
 
-        dense = jax.value_and_grad(lambda *a: loss(moe_kernels.expert_mlp_dense, *a), argnums=(0, 1, 2, 3))
-        grouped = jax.value_and_grad(lambda *a: loss(lambda *b: moe_kernels.expert_mlp_grouped(*b, tile=tile), *a),
-                                     argnums=(0, 1, 2, 3))
+        dense = jax.jit(jax.value_and_grad(lambda *a: loss(moe_kernels.expert_mlp_dense, *a), argnums=(0, 1, 2, 3)))
+        grouped = jax.jit(jax.value_and_grad(
+            lambda *a: loss(lambda *b: moe_kernels.expert_mlp_grouped(*b, tile=tile), *a), argnums=(0, 1, 2, 3)))
         chex.assert_trees_all_close(grouped(x, gate_up, down, weights), dense(x, gate_up, down, weights),
                                     **tolerances.GRAD_FP32)
     ragged = moe_kernels.expert_mlp_ragged(x, gate_up, down, experts, weights, jnp.float32)  # its maths (any CPU)
@@ -183,6 +184,7 @@ def _peft_model(hf, folder_or_config):
     return peft.PeftModel.from_pretrained(base, str(folder_or_config)).eval()
 
 
+@pytest.mark.slow(reason="3 train steps, PEFT load, merged export: ~100 s on 2 shared cores")
 def test_an_expert_adapter_trained_here_loads_in_peft_and_merges_into_a_transformers_folder(family_base, tmp_path,
                                                                                               caplog):
     import transformers
@@ -237,6 +239,7 @@ def test_an_expert_adapter_trained_here_loads_in_peft_and_merges_into_a_transfor
                                 **tolerances.LOGITS_FP32)
 
 
+@pytest.mark.slow(reason="PEFT adapters of both families: ~17 s")
 def test_peft_expert_adapter_loads_here_with_the_same_logits(family_base, tmp_path):
     import peft
     import torch
