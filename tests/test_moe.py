@@ -306,3 +306,37 @@ def test_the_lora_entry_point_trains_expert_lora_on_a_mixtral_folder(tmp_path):
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_routers_stay_dense_in_4_bit_as_bitsandbytes_leaves_them(family_base):
+    from jaxpeft.quant import quantize_params
+
+    _, _, params = family_base("qwen3_moe")
+    q = quantize_params(params)
+    layer0, layer1 = q["model"]["layers"]["0"], q["model"]["layers"]["1"]
+    assert "kernel" in layer0["mlp"]["gate"] and "qkernel" in layer0["self_attn"]["q_proj"]
+    assert "qkernel" in layer1["mlp"]["down_proj"]  # the dense layer's MLP is an ordinary linear
+
+
+@pytest.mark.slow(reason="an all-linear adapter through PEFT: ~20 s")
+def test_an_all_linear_adapter_names_the_router_as_a_target_parameter_and_loads_in_peft(family_base, tmp_path,
+                                                                                      caplog):
+    from jaxpeft.methods import get_method
+    from jaxpeft.methods.lora import LoraConfig
+
+    lora = get_method("lora")
+    hf, model, params = family_base("mixtral")
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear")
+    adapted = lora.init(jax.random.PRNGKey(1), params, cfg)
+    adapted = jax.tree_util.tree_map_with_path(
+        lambda p, v: v + 0.05 if getattr(p[-1], "key", None) == "lora_b" else v, adapted)
+    lora.save(tmp_path / "a", adapted, cfg, model_config=model.config, base_model_name_or_path="tiny")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["target_parameters"] == ["mlp.gate.weight"] and "gate" not in saved["target_modules"]
+    with caplog.at_level("WARNING"):
+        pm = _peft_model(hf, tmp_path / "a")
+    assert "missing adapter keys" not in caplog.text.lower()
+    ids, mask = _padded()
+    real = mask.astype(bool)
+    ours = np.asarray(model.apply({"params": adapted}, jnp.asarray(ids), attention_mask_BxS=jnp.asarray(mask)))
+    chex.assert_trees_all_close(ours[real], _hf_forward(pm, ids, mask).logits.numpy()[real], **tolerances.LOGITS_FP32)

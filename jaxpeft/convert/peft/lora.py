@@ -24,7 +24,8 @@ from jaxpeft.convert.hf import hf_name_to_path, params_to_hf
 from jaxpeft.convert.peft.common import PREFIX, f32 as _f32
 from jaxpeft.convert.peft.lora_params import is_param_scope, peft_param_keys, take_param_keys
 from jaxpeft.core.errors import CheckpointError, ConfigError, bullet_list
-from jaxpeft.core.targets import LINEAR_KERNELS, compact_targets, linear_modules, match_targets, name_matches
+from jaxpeft.core.targets import (LINEAR_KERNELS, compact_targets, linear_modules, match_targets, moe_routers,
+                                  name_matches)
 from jaxpeft.core.tree import Path as TreePath, dotted, flatten_params, kernel_shape, module_leaves, unflatten_params
 
 # The leaves of a LoRA adapter beside the kernel W (I, O) they adapt: lora_a (I, R), lora_b (R, O),
@@ -81,6 +82,10 @@ def peft_config_dict(params: Mapping, config: LoraConfig, *, base_model_name_or_
     flat = flatten_params(params)
     by_module = module_leaves(flat)
     parameters = tuple(getattr(config, "target_parameters", ()) or ())
+    # An MoE router is a bare parameter in transformers 5.24: PEFT targets it as `<parent>.gate.weight`.
+    routers = moe_routers(unflatten_params({p: v for p, v in flat.items() if p[-1] not in LORA_LEAVES}))
+    adapted_routers = [m for m in lora_modules(flat) if m in routers and not by_parameter(dotted(m), parameters)]
+    parameters += tuple(dict.fromkeys(dotted(m[-2:]) + ".weight" for m in adapted_routers))
     # target_modules names the linear modules only; stacks and `X.weight` entries go to target_parameters.
     modules = [m for m in lora_modules(flat) if not is_param_scope(by_module[m])
                and not by_parameter(dotted(m), parameters)]
