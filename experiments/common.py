@@ -197,6 +197,10 @@ def define_lora_flags(fv: flags.FlagValues, default_targets: str = "q_proj,k_pro
                         "the default shown.", flag_values=fv)
     flags.DEFINE_bool("use_rslora", False, "Scale by alpha/sqrt(r) (rsLoRA).", flag_values=fv)
     flags.DEFINE_bool("use_dora", False, "Weight-decomposed LoRA (DoRA).", flag_values=fv)
+    flags.DEFINE_list("target_parameters", [],
+                      "PEFT's target_parameters: bare parameters to adapt, beside --targets, e.g. MoE expert stacks "
+                      "mlp.experts.gate_up_proj,mlp.experts.down_proj and the router mlp.gate.weight. Needs "
+                      "--dropout=0 and no --use_dora (as PEFT).", flag_values=fv)
 
 
 def family_attention_targets(model: str | None) -> tuple[str, ...] | None:
@@ -228,9 +232,14 @@ def lora_config_from_flags(fv: flags.FlagValues):
         raise app.UsageError(str(e)) from e
     if not fv["targets"].present:
         targets = family_attention_targets(getattr(fv, "model", None)) or targets
-    return LoraConfig(r=fv.rank, lora_alpha=fv.alpha if fv.alpha is not None else 2.0 * fv.rank,
-                      lora_dropout=fv.dropout, target_modules=targets, use_rslora=fv.use_rslora,
-                      use_dora=fv.use_dora)
+    from jaxpeft.core.errors import ConfigError
+
+    try:
+        return LoraConfig(r=fv.rank, lora_alpha=fv.alpha if fv.alpha is not None else 2.0 * fv.rank,
+                          lora_dropout=fv.dropout, target_modules=targets, use_rslora=fv.use_rslora,
+                          use_dora=fv.use_dora, target_parameters=tuple(getattr(fv, "target_parameters", ()) or ()))
+    except ConfigError as e:  # e.g. --target_parameters with --dropout>0 or --use_dora
+        raise app.UsageError(str(e).replace("\n", " ")) from e
 
 
 def run_config_from_flags(fv: flags.FlagValues, method_name: str):

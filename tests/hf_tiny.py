@@ -13,6 +13,8 @@ FAMILY_CASES = {
     "gemma2": dict(model_type="gemma2", tied=True, sliding_window=5),
     "gemma3_text": dict(model_type="gemma3_text", tied=True, sliding_window=5),
     "phi3": dict(model_type="phi3", sliding_window=7),
+    "mixtral": dict(model_type="mixtral", sliding_window=5),
+    "qwen3_moe": dict(model_type="qwen3_moe", tied=True, sliding_window=5),
 }
 # Extra parity-only variants (the other side of each switch: untied, biases, no window).
 FAMILY_VARIANTS = {
@@ -65,6 +67,17 @@ def tiny_hf_config(model_type: str = "llama", *, tied: bool = False, bias: bool 
                         original_max_position_embeddings=20)
         kw["rope_parameters"] = rope
         return transformers.Phi3Config(**kw)
+    if model_type == "mixtral":
+        # 7 experts of width 28, top 3 (several experts per token; 3 * 23 tokens reach every expert). Expert widths
+        # are multiples of 4 floats: transformers' default grouped_mm experts need 16-byte strides.
+        kw.update(intermediate_size=28, num_local_experts=7, num_experts_per_tok=3, sliding_window=sliding_window)
+        return transformers.MixtralConfig(**kw)
+    if model_type == "qwen3_moe":
+        # 6 experts of width 20, top 3 without renormalising; layer 1 dense (mlp_only_layers), head_dim 12.
+        kw.update(head_dim=12, attention_bias=bias, moe_intermediate_size=20, num_experts=6, num_experts_per_tok=3,
+                  norm_topk_prob=False, mlp_only_layers=[1], use_sliding_window=sliding_window is not None,
+                  sliding_window=sliding_window)
+        return transformers.Qwen3MoeConfig(**kw)
     if model_type == "qwen2":
         kw.pop("head_dim")
         return transformers.Qwen2Config(**kw)
@@ -79,11 +92,16 @@ def tiny_hf_model(config, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    # Random norms, so a missing or misplaced norm weight shows in the logits.
+    # MoE: transformers' eager expert loop (its default grouped_mm needs 16-byte strides, odd sizes have none).
+    moe = {"experts_implementation": "eager"} if config.model_type in ("mixtral", "qwen3_moe") else {}
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", **moe)
+    # Random norms, so a missing or misplaced norm weight shows in the logits; MoE routers of std 1, so routing
+    # spreads over every expert instead of near-uniform ties.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("mlp.gate.weight") and moe:
+                p.normal_(0.0, 1.0)
+            elif name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))

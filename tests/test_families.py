@@ -36,7 +36,11 @@ from tests.hf_tiny import FAMILY_CASES, FAMILY_VARIANTS, VOCAB, hf_logits, tiny_
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-NAMES = sorted(FAMILY_CASES)
+# MoE families (mixtral, qwen3_moe) have their own file, tests/test_moe.py: this battery's all-linear DoRA cases
+# cannot be made by PEFT 0.21.2 there (its all-linear adds the router as a target parameter, which refuses DoRA),
+# PEFT's IA3 defaults name the per-expert w2 Linear that transformers 5.24 no longer has, and bitsandbytes
+# quantizes only the attention linears (fused experts and the router are no nn.Linear).
+NAMES = sorted(n for n in FAMILY_CASES if n not in ("mixtral", "qwen3_moe"))
 LLAMA_LIKE = {"llama", "mistral", "qwen2"}  # tested by test_llama_parity.py and the rest of the suite
 # One input shape for every forward of a family's tests (op-by-op executables are cached by shape): past every
 # tiny window (5, 7) and Phi-3's original context (20).
@@ -44,7 +48,7 @@ IDS = np.random.default_rng(0).integers(3, VOCAB, (3, 23))
 
 
 def test_every_family_of_the_table_has_a_tiny_case():
-    assert set(FAMILIES) - LLAMA_LIKE == set(FAMILY_CASES)
+    assert set(FAMILIES) - LLAMA_LIKE == set(FAMILY_CASES)  # MoE ones included (tests/test_moe.py runs them)
 
 
 def _logits(model, params, ids=IDS, mask=None):

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from jaxpeft.convert.experts import file_tensors, fused_view
 from jaxpeft.convert.shards import DEFAULT_MAX_SHARD_SIZE, TensorSpec, Tensors, as_tensors, save_shards
 from jaxpeft.convert.stream import Checkpoint, Placement, QuantizeSpec, load_params
 from jaxpeft.core import dtypes
@@ -35,6 +36,7 @@ def hf_to_params(state: Mapping[str, np.ndarray], config: LlamaConfig, dtype: An
     """Converts an HF state dict (torch layout; a dict of numpy arrays or a lazy `stream.Checkpoint`) into
     the canonical parameter tree, one tensor at a time (`stream.load_params`: `dtype` is the stored dtype
     of float weights, `quantize` the linears made 4-bit as they arrive, `placement` where leaves go)."""
+    state = fused_view(state, config)  # MoE: per-expert (or fused) expert tensors under the tree's names
     expected = family_of(config.model_type).hf_names(config)
     names = set(state)
     if config.tie_word_embeddings:
@@ -233,6 +235,7 @@ def save_hf_folder(
     """
     dtype = dtypes.resolve(dtype, dtypes.tree_dtype_name(params)) if dtype == dtypes.AUTO else dtype
     tensors = hf_tensors(params, numpy_dtype(dtype), transform=transform).reordered(transformers_order(config))
+    tensors = file_tensors(tensors, config)  # MoE: the files' per-expert names
     hf_config = {**config.to_hf(), "torch_dtype": dtype, "dtype": dtype}
     return write_hf_folder(out_dir, tensors, hf_config, tokenizer=tokenizer, generation_config=generation_config,
                            overwrite=overwrite, max_shard_size=max_shard_size)

@@ -26,7 +26,7 @@ from jaxpeft.convert.stream import Checkpoint, Placement, QuantizeSpec
 from jaxpeft.core import dtypes
 from jaxpeft.core.dtypes import config_dtype
 from jaxpeft.core.errors import CheckpointError
-from jaxpeft.core.targets import match_targets
+from jaxpeft.core.targets import match_targets, moe_routers
 from jaxpeft.core.tree import unflatten_params
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.families import build_model, config_from_hf, family_of, text_part
@@ -143,7 +143,8 @@ def quantize_spec(config: LlamaConfig, quantize: Bnb4bitConfig) -> QuantizeSpec:
         if name.endswith(".weight") and not name.startswith("model.embed_tokens") and "norm" not in name:
             path, leaf = hf_name_to_path(name, 2)
             abstract[path + (leaf,)] = jax.ShapeDtypeStruct((1, 1), np.float32)
-    modules = match_targets(unflatten_params(abstract), quantize.targets)
+    tree = unflatten_params(abstract)
+    modules = set(match_targets(tree, quantize.targets)) - moe_routers(tree)  # routers stay dense (as bitsandbytes)
     return QuantizeSpec(frozenset(modules), quant_type=quantize.quant_type, blocksize=quantize.blocksize,
                         double_quant=quantize.double_quant)
 

@@ -25,6 +25,14 @@ def linear_modules(params: Mapping) -> dict[str, Path]:
     return {dotted(path): path for path, leaves in module_paths(params) if any(k in leaves for k in LINEAR_KERNELS)}
 
 
+def moe_routers(params: Mapping) -> set[Path]:
+    """The linear modules that are MoE routers: a `gate` beside an `experts` scope (transformers 5.24 keeps the
+    router a bare parameter, so bitsandbytes leaves it dense and PEFT targets it as `<parent>.gate.weight`)."""
+    scopes = {path for path, _ in module_paths(params)}
+    parents = {p[:i] for p in scopes for i in range(len(p)) if p[i:i + 1] == ("experts",)}
+    return {path for path in linear_modules(params).values() if path[-1] == "gate" and path[:-1] in parents}
+
+
 def layer_index(name: str) -> int | None:
     m = _LAYER_INDEX.match(name)
     return int(m.group(1)) if m else None

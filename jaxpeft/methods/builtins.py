@@ -14,6 +14,7 @@ def register_builtins() -> None:
         register(method)
     for linear in (lora.LINEAR_HOOK, *ia3.LINEAR_HOOKS):
         hooks.register_linear(linear)
+    hooks.register_param(lora.PARAM_HOOK)
     for residual in bottleneck.RESIDUAL_HOOKS:
         hooks.register_residual(residual)
     for source in (prompt.VIRTUAL_SOURCE, prefix.VIRTUAL_SOURCE):

@@ -7,6 +7,13 @@ For every targeted linear module with kernel W (I, O), `init` adds the siblings
     lora_magnitude (O,)  DoRA only: the column norms of W
 and the model's `linear` op computes x W + scale * (x A) B (DoRA rescales by magnitude / ||W + s·BA||).
 `modules_to_save` modules are trained in full: their own leaves become trainable adapter leaves.
+
+`target_parameters` (PEFT 0.21.2's LoRA on bare parameters): an MoE expert stack W (E, O, I) gets per-expert
+factors lora_a (E, R, I), lora_b (E, O, R) and lora_scale; the model uses W + scale * B_e A_e for expert e (a
+`hooks.ParamAdapter`: the delta is formed once per call, (E, O, I), then the grouped expert matmuls run on the
+sum). A 2-D parameter entry such as the router `mlp.gate.weight` is linear LoRA on its module (PEFT's factors of a
+2-D parameter are a Linear's). As PEFT's ParamWrapper, these refuse dropout (x cannot be factored out of the merged
+weight, so dropout on the adapter's input has no place) and DoRA. Format: `convert/peft/lora_params.py`.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpeft.convert.peft import common as peft_common, lora as peft_lora
 from jaxpeft.convert.peft.lora import LORA_LEAVES
+from jaxpeft.convert.peft.lora_params import is_param_scope
 from jaxpeft.core.errors import ConfigError, bullet_list
-from jaxpeft.core.targets import Targets, compact_targets, match_targets, name_matches, pattern_value
+from jaxpeft.core.targets import (Targets, compact_targets, layer_index, linear_modules, match_targets, name_matches,
+                                  pattern_value)
 from jaxpeft.core.tree import Path, dotted, flatten_params, kernel_shape, module_leaves, unflatten_params
 from jaxpeft.methods.base import Method
 from jaxpeft.models import hooks
@@ -47,9 +57,17 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     modules_to_save: tuple[str, ...] = ()
+    # PEFT's target_parameters: parameter names (suffixes) such as "mlp.experts.gate_up_proj", "mlp.gate.weight".
+    target_parameters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
+        if self.target_parameters and self.lora_dropout > 0:
+            problems.append(f"lora_dropout={self.lora_dropout} with target_parameters: LoRA on a parameter adds B·A to "
+                            "the weight itself, so there is no adapter input to drop out (PEFT refuses it too); use "
+                            "dropout 0")
+        if self.target_parameters and self.use_dora:
+            problems.append("use_dora with target_parameters: PEFT's parameter LoRA has no DoRA variant; drop one")
         if self.r < 1:
             problems.append(f"r={self.r}: the rank must be at least 1")
         bad_ranks = {k: v for k, v in self.rank_pattern.items() if int(v) < 1}
@@ -83,9 +101,8 @@ class Lora(Method):
     peft_type = "LORA"
 
     def targets(self, params: Mapping, config: LoraConfig) -> list[Path]:
-        saved = list(config.modules_to_save)
-        return match_targets(params, config.target_modules, layers_to_transform=config.layers_to_transform,
-                             exclude=saved)
+        """Every adapted scope: linear modules (`target_modules`, 2-D `target_parameters`) and expert stacks."""
+        return sorted(set(_target_modules(params, config)) | set(param_targets(params, config)[1]))
 
     def init(self, key: jax.Array, params: Mapping, config: LoraConfig) -> dict:
         flat = flatten_params(params)
@@ -94,7 +111,8 @@ class Lora(Method):
                               "or merge them before adding another LoRA")
         chosen = self.targets(params, config)
         by_module = module_leaves(flat)
-        groups = {path: by_module[path] for path in chosen}
+        stacks = param_targets(params, config)[1]
+        groups = {path: by_module[path] for path in chosen if path not in stacks}
         too_big = []
         for path, leaves in groups.items():
             in_dim, out_dim = kernel_shape(leaves)
@@ -107,6 +125,8 @@ class Lora(Method):
         keys = jax.random.split(key, max(len(chosen), 1))
         for k, (path, leaves) in zip(keys, groups.items()):
             flat.update({path + (n,): v for n, v in _new_leaves(k, leaves, dotted(path), config).items()})
+        for k, path in zip(jax.random.split(jax.random.fold_in(key, 1), max(len(stacks), 1)), stacks):
+            flat.update({path + (n,): v for n, v in _new_stack_leaves(k, by_module[path], dotted(path), config).items()})
         return unflatten_params(flat)
 
     def is_adapter(self, path: Path, config: LoraConfig) -> bool:
@@ -135,6 +155,9 @@ class Lora(Method):
     def merge_module(self, path: Path, leaves: Mapping[str, Any], config: LoraConfig | None = None, *,
                      dtype: Any = None) -> dict[str, Any]:
         """One module's merge (see `merge`), computed in fp32, the kernel returned in `dtype`."""
+        if "lora_a" in leaves and is_param_scope(leaves):
+            w = jnp.asarray(leaves["weight"])
+            return {"weight": _adapt_stack(w.astype(jnp.float32), leaves, jnp.float32).astype(dtype or w.dtype)}
         return _merge_module(dict(leaves), dtype) if "lora_a" in leaves else dict(leaves)
 
     def unmerge(self, merged: Mapping, adapter: Mapping, config: LoraConfig | None = None) -> dict:
@@ -143,6 +166,10 @@ class Lora(Method):
         flat = flatten_params(merged)
         for module, leaves in module_leaves(flat_a).items():
             if "lora_a" not in leaves:
+                continue
+            if module + ("weight",) in flat and np.ndim(flat[module + ("weight",)]) == 3:  # an expert stack
+                w = flat[module + ("weight",)]
+                flat[module + ("weight",)] = (w.astype(jnp.float32) - _stack_delta(leaves, jnp.float32)).astype(w.dtype)
                 continue
             w = flat[module + ("kernel",)]
             delta = _delta(leaves)
@@ -201,6 +228,69 @@ def _add_lora(x: jax.Array, x_lora: jax.Array, y: jax.Array, leaves: Mapping[str
     return y + (mag_scale_O - 1) * base + mag_scale_O * lora
 
 
+def _target_modules(params: Mapping, config: LoraConfig) -> list[Path]:
+    """The linear modules LoRA adapts: `target_modules`' and the 2-D `target_parameters` entries' (`X.weight`)."""
+    saved = list(config.modules_to_save)
+    chosen = []
+    if config.target_modules or not config.target_parameters:
+        chosen = match_targets(params, config.target_modules, layers_to_transform=config.layers_to_transform,
+                               exclude=saved)
+    return sorted(set(chosen) | set(param_targets(params, config)[0]))
+
+
+def param_targets(params: Mapping, config: LoraConfig) -> tuple[list[Path], list[Path]]:
+    """(linear modules, 3-D expert stacks) the `target_parameters` entries select (suffix match, as PEFT, and
+    `layers_to_transform`); an entry that selects nothing is an error naming it."""
+    if not config.target_parameters:
+        return [], []
+    by_module = module_leaves(flatten_params(params))
+    linear = linear_modules(params)
+    ltt = config.layers_to_transform
+    keep = lambda name: ltt is None or layer_index(name) in ltt  # noqa: E731
+    ends = lambda name, t: name == t or name.endswith("." + t)  # noqa: E731
+    modules, stacks, unmatched = set(), set(), []
+    for t in config.target_parameters:
+        hit_stacks = {p for p, leaves in by_module.items() if is_param_scope(leaves) and ends(dotted(p), t)
+                      and keep(dotted(p))}
+        hit_linear = {path for name, path in linear.items() if t.endswith(".weight") and ends(name + ".weight", t)
+                      and keep(name)}
+        if not hit_stacks and not hit_linear:
+            unmatched.append(t)
+        stacks |= hit_stacks
+        modules |= hit_linear
+    if unmatched:
+        names = sorted({dotted(p) for p, leaves in by_module.items() if is_param_scope(leaves)})[:4]
+        raise ConfigError(f"target_parameters {unmatched} match no parameter of the model (expert stacks look like "
+                          f"{names or 'none here'}; a linear's weight is '<module>.weight')")
+    return sorted(modules), sorted(stacks)
+
+
+def _new_stack_leaves(key: jax.Array, leaves: Mapping[str, Any], name: str, config: LoraConfig) -> dict[str, Any]:
+    """lora_a (E, R, I) kaiming-uniform as PEFT's nn.Linear(I, R*E) (bound 1/sqrt(I)), lora_b (E, O, R) zeros."""
+    e, o, i = jnp.shape(leaves["weight"])
+    r = config.rank_for(name)
+    if config.init_lora_weights == "gaussian":
+        a = jax.random.normal(key, (e, r, i), jnp.float32) / r
+    else:
+        a = jax.random.uniform(key, (e, r, i), jnp.float32, -1.0 / math.sqrt(i), 1.0 / math.sqrt(i))
+    return {"lora_a": a, "lora_b": jnp.zeros((e, o, r), jnp.float32),
+            "lora_scale": jnp.asarray(config.scale_for(name), jnp.float32)}
+
+
+def _stack_delta(leaves: Mapping[str, Any], dtype: Any) -> jax.Array:
+    """scale * B_e A_e for every expert e, (E, O, I) in `dtype`."""
+    a = jnp.asarray(leaves["lora_a"]).astype(dtype)
+    b = jnp.asarray(leaves["lora_b"]).astype(dtype)
+    return jnp.einsum("eor,eri->eoi", b, a) * jnp.asarray(leaves["lora_scale"]).astype(dtype)
+
+
+def _adapt_stack(weight: jax.Array, leaves: Mapping[str, Any], dtype: Any) -> jax.Array:
+    return weight + _stack_delta(leaves, dtype)
+
+
+PARAM_HOOK = hooks.ParamAdapter(name="lora", leaves=("lora_a", "lora_b", "lora_scale"), trigger="lora_a",
+                                adapt=_adapt_stack)
+
 LINEAR_HOOK = hooks.LinearAdapter(name="lora", leaves=LORA_LEAVES, trigger="lora_a", add_to_output=_add_lora,
                                   uses_dropout=True)
 
@@ -257,7 +347,8 @@ def load_peft_adapter(folder: str | os.PathLike, model: Any, params: Mapping, *,
     config = LoraConfig(**peft_lora.config_kwargs(peft_common.read_config_json(folder)))
     tensors = peft_common.read_tensors(folder, allow_pickle)
     adapted = peft_lora.attach(params, config, tensors, adapter_dtype)
-    if not config.target_modules:  # null: PEFT's per-model default; name what the tensors adapt instead
+    if not config.target_modules and not config.target_parameters:  # null: PEFT's per-model default; name what the
+        # tensors adapt instead
         chosen = peft_lora.lora_modules(flatten_params(adapted))
         config = dataclasses.replace(config, target_modules=tuple(
             compact_targets(params, chosen, config.layers_to_transform)))

@@ -23,7 +23,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from jaxpeft.core.errors import UnsupportedModelError
-from jaxpeft.models import gemma, phi3, qwen3
+from jaxpeft.models import gemma, mixtral, moe, phi3, qwen3, qwen3_moe
 from jaxpeft.models.config import ARCHITECTURES, LlamaConfig
 from jaxpeft.models.llama import LlamaForCausalLM
 
@@ -71,6 +71,21 @@ class NormPart:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpertsPart:
+    """The sparse MLP of an MoE family's sparse layers (`config.is_sparse_layer(i)`), replacing its dense `mlp.*`
+    linears there: the router (a linear `mlp.gate`, (H, E)) and the fused expert stacks
+    `mlp.experts.<param>.weight` (`models/moe.py`). `file_router` / `file_experts` are the names checkpoint files
+    use inside a layer (`file_experts[part]` with `{e}`, part in gate/up/down; `convert/experts.py`)."""
+
+    file_router: str
+    file_experts: Mapping[str, str]
+    router: LinearPart = LinearPart("mlp.gate", "hidden_size", "num_experts", "ffn_gate_inp", ("embed", "experts"),
+                                    "normed x (input of the router and experts)")
+    experts: str = "mlp.experts"
+    params: tuple[str, ...] = moe.EXPERT_PARAMS
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     """A model family: config class, Flax module and the parts of its decoder layers (module docstring)."""
 
@@ -92,6 +107,13 @@ class Family:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     ia3_targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
     ia3_feedforward: tuple[str, ...] = ("down_proj",)
+    experts: ExpertsPart | None = None  # MoE families only
+
+    def layer_linears(self, config: Any, layer: int) -> tuple[LinearPart, ...]:
+        """The linears of decoder layer `layer`: on an MoE family's sparse layers the router replaces `mlp.*`."""
+        if self.experts is None or not config.is_sparse_layer(layer):
+            return self.linears
+        return tuple(m for m in self.linears if not m.name.startswith("mlp.")) + (self.experts.router,)
 
     def layer_prefix(self, layer: int) -> str:
         return f"{self.layers_prefix}.{layer}"
@@ -104,8 +126,11 @@ class Family:
         for i in range(config.num_hidden_layers):
             p = self.layer_prefix(i)
             names |= {f"{p}.{n.name}.weight" for n in self.norms}
-            names |= {f"{p}.{m.name}.weight" for m in self.linears}
-            names |= {f"{p}.{m.name}.bias" for m in self.linears if m.has_bias(config)}
+            linears = self.layer_linears(config, i)
+            names |= {f"{p}.{m.name}.weight" for m in linears}
+            names |= {f"{p}.{m.name}.bias" for m in linears if m.has_bias(config)}
+            if self.experts is not None and config.is_sparse_layer(i):
+                names |= {f"{p}.{self.experts.experts}.{q}.weight" for q in self.experts.params}
         return names
 
     def gguf_names(self) -> tuple[dict[str, str], dict[str, str]]:
@@ -178,6 +203,17 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family(model_type="phi3", architecture=phi3.ARCHITECTURE, config_class=phi3.Phi3Config,
                    module_class=phi3.Phi3ForCausalLM, linears=_PHI3_LINEARS, norms=_LLAMA_NORMS,
                    lora_targets=("qkv_proj", "o_proj"), ia3_targets=("qkv_proj", "down_proj")),
+    # MoE: Llama's / Qwen3's attention; LoRA q/v by default (PEFT's mixtral entry); IA3 k/v only (PEFT's mixtral
+    # entry adds the per-expert w2 Linear, which transformers 5.24 no longer has).
+    "mixtral": Family(model_type="mixtral", architecture=mixtral.ARCHITECTURE, config_class=mixtral.MixtralConfig,
+                      module_class=moe.MoeForCausalLM, linears=_LLAMA_LINEARS, norms=_LLAMA_NORMS,
+                      experts=ExpertsPart(mixtral.FILE_ROUTER, mixtral.FILE_EXPERTS),
+                      ia3_targets=("k_proj", "v_proj"), ia3_feedforward=()),
+    "qwen3_moe": Family(model_type="qwen3_moe", architecture=qwen3_moe.ARCHITECTURE,
+                        config_class=qwen3_moe.Qwen3MoeConfig, module_class=moe.MoeForCausalLM,
+                        linears=_LLAMA_LINEARS, norms=_LLAMA_NORMS + _QK_NORMS,
+                        experts=ExpertsPart(qwen3_moe.FILE_ROUTER, qwen3_moe.FILE_EXPERTS),
+                        ia3_targets=("k_proj", "v_proj"), ia3_feedforward=()),
 }
 
 
@@ -237,12 +273,13 @@ def kernel_axes() -> dict[str, tuple[str, str]]:
     """{linear module name: logical (I, O) axes} over every family (names agree on axes across families)."""
     out: dict[str, tuple[str, str]] = {}
     for family in FAMILIES.values():
-        for name, axes in [(m.short, m.axes) for m in family.linears] + [(family.head, family.head_axes)]:
+        parts = list(family.linears) + ([family.experts.router] if family.experts else [])
+        for name, axes in [(m.short, m.axes) for m in parts] + [(family.head, family.head_axes)]:
             if out.setdefault(name, axes) != axes:
                 raise ValueError(f"{name}: families disagree on its sharding axes ({out[name]} vs {axes}); "
                                  "give the module a distinct name or the same axes")
     return out
 
 
-__all__ = ["FAMILIES", "Family", "LinearPart", "NormPart", "build_model", "config_from_hf", "default_targets",
+__all__ = ["ExpertsPart", "FAMILIES", "Family", "LinearPart", "NormPart", "build_model", "config_from_hf", "default_targets",
            "family_of", "gguf_family", "kernel_axes", "text_part"]

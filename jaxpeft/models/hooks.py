@@ -8,6 +8,9 @@ Three kinds of hook, each registered by the method that owns it (`jaxpeft.method
   exactly the kernel leaves and the registered adapter leaves; any other leaf is an error naming it.
 - `ResidualHook`: a subtree of a decoder layer, under a key, that replaces the residual add at the end of
   one of the layer's sublayers (bottleneck adapters after attention and after the MLP).
+- `ParamAdapter`: leaves beside a bare (non-linear) parameter, e.g. a 3-D stack of expert weights, and how they
+  change it before use (LoRA's per-expert delta). The module holding the parameter reads it through
+  `adapted_param`, which accepts exactly the parameter and the registered adapters' leaves.
 - `VirtualTokenSource`: leaves that put P virtual tokens in front of every sequence, as keys and values in
   the first P slots of the KV cache (prefix tuning's prefixes, prompt tuning's embeddings). The source
   says how many and computes their keys and values; the model does the rest.
@@ -75,7 +78,19 @@ class VirtualTokenSource:
     attention_leaves: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamAdapter:
+    """Leaves beside a bare parameter `weight` (a scope holding that one tensor, e.g. one MoE expert stack):
+    `adapt(weight, leaves, dtype) -> weight`, the parameter the module uses, in `dtype`."""
+
+    name: str
+    leaves: tuple[str, ...]
+    trigger: str
+    adapt: Callable[..., jax.Array]
+
+
 LINEAR_ADAPTERS: dict[str, LinearAdapter] = {}
+PARAM_ADAPTERS: dict[str, ParamAdapter] = {}
 RESIDUAL_HOOKS: dict[str, ResidualHook] = {}
 VIRTUAL_SOURCES: dict[str, VirtualTokenSource] = {}
 
@@ -88,6 +103,27 @@ def register_linear(hook: LinearAdapter) -> LinearAdapter:
                          f"{sorted({taken[c] for c in clash})}")
     LINEAR_ADAPTERS[hook.name] = hook
     return hook
+
+
+def register_param(hook: ParamAdapter) -> ParamAdapter:
+    PARAM_ADAPTERS[hook.name] = hook
+    return hook
+
+
+def adapted_param(leaves: Mapping[str, Any], dtype: Any) -> jax.Array:
+    """A bare parameter's `weight` in `dtype` after every registered param adapter its leaves turn on; a leaf no
+    adapter owns is refused by name."""
+    known = {"weight", *(leaf for hook in PARAM_ADAPTERS.values() for leaf in hook.leaves)}
+    unknown = sorted(set(leaves) - known)
+    if unknown:
+        raise ValueError(f"a bare parameter's scope holds leaves {unknown} that no registered hook owns (known: "
+                         f"{sorted(known)}); an adapter's leaves are honoured once its method registered a "
+                         "hooks.ParamAdapter")
+    weight = leaves["weight"].astype(dtype)
+    for hook in PARAM_ADAPTERS.values():
+        if hook.trigger in leaves:
+            weight = hook.adapt(weight, leaves, dtype)
+    return weight
 
 
 def register_residual(hook: ResidualHook) -> ResidualHook:

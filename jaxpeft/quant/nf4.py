@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from jaxpeft.core.errors import ConfigError, bullet_list
-from jaxpeft.core.targets import Targets, match_targets
+from jaxpeft.core.targets import Targets, match_targets, moe_routers
 from jaxpeft.core.tree import flatten_params, unflatten_params
 from jaxpeft.quant import dynamic8
 from jaxpeft.quant.nf4_matmul import nf4_matmul
@@ -300,11 +300,13 @@ def quantize_params(
 ) -> dict:
     """Replaces `kernel` by `qkernel` (a `Quantized4bit`) in every targeted linear module.
 
-    "all-linear" is every linear but the output head; embeddings are never linear modules.
+    "all-linear" is every linear but the output head; embeddings are never linear modules. MoE routers stay
+    dense, as transformers' bitsandbytes integration leaves them.
     """
     flat = dict(flatten_params(params))
+    routers = moe_routers(params)
     for module in match_targets(params, targets):
-        if module + ("kernel",) in flat:
+        if module + ("kernel",) in flat and module not in routers:
             kernel = flat.pop(module + ("kernel",))
             flat[module + ("qkernel",)] = quantize_kernel(
                 kernel, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxpeft.core.partition import combine
+from jaxpeft.train import router_loss
 from jaxpeft.train.chunked_loss import target_nll
 
 Batch = Mapping[str, jax.Array]
@@ -89,10 +90,14 @@ def train_step_fn(
     """
     train_model = train_model or model
 
-    def loss_fn(trainable, frozen, micro, key, n_total):
+    def loss_fn(trainable, frozen, micro, key, n_total, accum):
         params = combine(frozen, trainable)
         nll, n = token_nll_sum(train_model, params, micro, max_targets, rngs={"dropout": key}, loss_chunk=loss_chunk)
-        return nll / n_total, n
+        # MoE: the router's load-balancing term, averaged over the micro-batches (and pmap devices; 0 without routers).
+        aux = router_loss.term(train_model, params, micro, rngs={"dropout": key}) / accum
+        if axis_name is not None and router_loss.enabled(train_model):
+            aux = aux / jax.lax.psum(1, axis_name)
+        return nll / n_total + aux, n
 
     def step(state, frozen, batch):
         rng, step_key = jax.random.split(state["rng"])
@@ -108,7 +113,7 @@ def train_step_fn(
         def micro_step(carry, xs):
             grads, loss = carry
             micro, key = xs
-            (l, _), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, micro, key, n_total)
+            (l, _), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, micro, key, n_total, accum)
             return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l), None
 
         (grads, loss), _ = jax.lax.scan(micro_step, (zeros, jnp.float32(0.0)), (batch, keys))

@@ -22,8 +22,10 @@ import numpy as np
 
 from jaxpeft.convert.hf import hf_name_to_path, params_to_hf
 from jaxpeft.convert.peft.common import PREFIX, f32 as _f32
+from jaxpeft.convert.peft.lora_params import is_param_scope, peft_param_keys, take_param_keys
 from jaxpeft.core.errors import CheckpointError, ConfigError, bullet_list
-from jaxpeft.core.targets import LINEAR_KERNELS, compact_targets, linear_modules, match_targets, name_matches
+from jaxpeft.core.targets import (LINEAR_KERNELS, compact_targets, linear_modules, match_targets, moe_routers,
+                                  name_matches)
 from jaxpeft.core.tree import Path as TreePath, dotted, flatten_params, kernel_shape, module_leaves, unflatten_params
 
 # The leaves of a LoRA adapter beside the kernel W (I, O) they adapt: lora_a (I, R), lora_b (R, O),
@@ -43,7 +45,6 @@ _UNSUPPORTED = {
     "use_qalora": ((False, None), "QALoRA pooling"),
     "alora_invocation_tokens": ((None,), "activated LoRA"),
     "layer_replication": ((None,), "replicated layers"),
-    "target_parameters": ((None,), "LoRA on raw parameters"),
     "trainable_token_indices": ((None,), "trainable tokens"),
     "exclude_modules": ((None,), "excluded modules"),
     "megatron_config": ((None,), "Megatron layers"),
@@ -57,8 +58,11 @@ _UNSUPPORTED = {
 def peft_keys(params: Mapping, modules_to_save: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The PEFT adapter tensors (fp32, torch layout, PEFT key names) of a tree that carries LoRA leaves."""
     flat = flatten_params(params)
-    out: dict[str, np.ndarray] = {}
+    by_module = module_leaves(flat)
+    out: dict[str, np.ndarray] = peft_param_keys(by_module)  # expert stacks (target_parameters)
     for module in lora_modules(flat):
+        if is_param_scope(by_module[module]):
+            continue
         name = PREFIX + dotted(module)
         out[name + _A] = _f32(flat[module + ("lora_a",)]).T
         out[name + _B] = _f32(flat[module + ("lora_b",)]).T
@@ -76,16 +80,27 @@ def peft_config_dict(params: Mapping, config: LoraConfig, *, base_model_name_or_
     `target_modules` (e.g. every adapted module's full name, for an adapter written without its base)
     replaces the shortest list of suffixes that selects exactly the adapted modules of `params`."""
     flat = flatten_params(params)
-    modules = lora_modules(flat)
+    by_module = module_leaves(flat)
+    parameters = tuple(getattr(config, "target_parameters", ()) or ())
+    # An MoE router is a bare parameter in transformers 5.24: PEFT targets it as `<parent>.gate.weight`.
+    routers = moe_routers(unflatten_params({p: v for p, v in flat.items() if p[-1] not in LORA_LEAVES}))
+    adapted_routers = [m for m in lora_modules(flat) if m in routers and not by_parameter(dotted(m), parameters)]
+    parameters += tuple(dict.fromkeys(dotted(m[-2:]) + ".weight" for m in adapted_routers))
+    # target_modules names the linear modules only; stacks and `X.weight` entries go to target_parameters.
+    modules = [m for m in lora_modules(flat) if not is_param_scope(by_module[m])
+               and not by_parameter(dotted(m), parameters)]
     base = unflatten_params({p: v for p, v in flat.items() if p[-1] not in LORA_LEAVES})
     alpha = float(config.lora_alpha)
     ltt = config.layers_to_transform
-    return {
+    if target_modules is None:
+        target_modules = compact_targets(base, modules, ltt) if modules else []
+    extra = {"target_parameters": list(parameters)} if parameters else {}
+    return {**extra,
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r,
         "lora_alpha": int(alpha) if alpha.is_integer() else alpha, "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora, "use_dora": config.use_dora, "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": "gaussian" if config.init_lora_weights == "gaussian" else True,
-        "target_modules": compact_targets(base, modules, ltt) if target_modules is None else target_modules,
+        "target_modules": target_modules,
         "layers_to_transform": list(ltt) if ltt is not None else None,
         "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
         "modules_to_save": list(config.modules_to_save) or None,
@@ -123,6 +138,7 @@ def config_kwargs(raw: Mapping[str, Any]) -> dict[str, Any]:
         rank_pattern={k: int(v) for k, v in (raw.get("rank_pattern") or {}).items()},
         alpha_pattern={k: float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
         modules_to_save=tuple(raw.get("modules_to_save") or ()),
+        target_parameters=tuple(raw.get("target_parameters") or ()),
     )
 
 
@@ -137,6 +153,8 @@ def attach(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
     groups: dict[str, dict[str, np.ndarray]] = {}
     saved: dict[str, np.ndarray] = {}
     lacking, unknown, shapes = [], [], []
+    stacks, tensors, unknown = take_param_keys(tensors, by_module, tuple(config.target_parameters), config.scale_for,
+                                               dtype)
     for key, value in sorted(tensors.items()):
         name, module, kind = parse_key(key)
         if name is None:
@@ -182,6 +200,8 @@ def attach(params: Mapping, config: LoraConfig, tensors: Mapping[str, np.ndarray
         fix = ("This adapter was trained for a different base model; load it onto that model." if lacking or shapes
                else "The adapter's config and tensors disagree; export the adapter again.")
         raise CheckpointError(f"the adapter's tensors do not fit this model:\n{bullet_list(problems)}\n{fix}")
+    for path, leaves in stacks.items():
+        flat.update({path + (k,): v for k, v in leaves.items()})
     for name, g in groups.items():
         # scale_for uses the config's rank, which equals the tensors' rank (checked above).
         flat.update({linear[name] + (k,): v for k, v in lora_leaves(g, config.scale_for(name), dtype).items()})
@@ -212,13 +232,16 @@ def lora_leaves(group: Mapping[str, np.ndarray], scale: float, dtype: Any) -> di
 
 def _coverage(params: Mapping, config: LoraConfig, groups: Mapping, saved: Mapping, linear: set[str]) -> list[str]:
     """Where config and tensors disagree on which modules are adapted (PEFT would warn or silently ignore)."""
-    if not config.target_modules:  # PEFT's per-model default; the tensors say what was adapted
+    parameters = tuple(config.target_parameters)
+    if not config.target_modules and not parameters:  # PEFT's per-model default; the tensors say what was adapted
         return []
     try:
-        targeted = {dotted(p) for p in match_targets(params, config.target_modules, exclude=config.modules_to_save,
-                                                     layers_to_transform=config.layers_to_transform)}
+        targeted = set() if not config.target_modules else {
+            dotted(p) for p in match_targets(params, config.target_modules, exclude=config.modules_to_save,
+                                             layers_to_transform=config.layers_to_transform)}
     except ConfigError:
         targeted = set()
+    targeted |= {n for n in linear if by_parameter(n, parameters)}
     have = {n for n in groups if n in linear}
     out = [f"{n}: targeted by the config but the adapter has no weights for it" for n in sorted(targeted - have)]
     out += [f"{n}: has weights but the config's target_modules do not select it" for n in sorted(have - targeted)]
@@ -238,7 +261,7 @@ def check_saveable(params: Mapping, config: LoraConfig) -> None:
     problems = []
     for module in modules:
         name, leaves = dotted(module), by_module[module]
-        if not any(k in leaves for k in LINEAR_KERNELS):
+        if not any(k in leaves for k in LINEAR_KERNELS) and not is_param_scope(leaves):
             problems.append(f"{name}: no base kernel beside the LoRA leaves; pass base + adapter together")
         r = int(np.shape(leaves["lora_a"])[1])
         if r != config.rank_for(name):
@@ -254,6 +277,12 @@ def check_saveable(params: Mapping, config: LoraConfig) -> None:
     if problems:
         raise ConfigError("the LoRA leaves do not match the config, so PEFT would rebuild a different adapter:\n"
                           + bullet_list(problems) + "\nPass the LoraConfig the adapter was created with.")
+
+
+def by_parameter(module: str, target_parameters: tuple[str, ...]) -> bool:
+    """Whether linear `module` is adapted as a `target_parameters` entry (`<module>.weight`, suffix-matched)."""
+    name = module + ".weight"
+    return any(name == t or name.endswith("." + t) for t in target_parameters)
 
 
 def lora_modules(flat: Mapping[TreePath, Any]) -> list[TreePath]:
