@@ -116,7 +116,14 @@ def test_the_windows_and_caps_matter(family_base, name):
         assert np.abs(_logits(other, params, ids) - ours).max() > 1e-3, what
 
 
-@pytest.mark.parametrize("name", NAMES)
+# Greedy generation costs 15-25 s of CPU a family (a prefill and a decode step compiled per family): the default
+# run generates with Qwen3 (q/k norms) and Gemma 2 (soft-capping, sliding windows, the widest departure from
+# Llama); Phi-3 and Gemma 3, whose logits are matched with padding above, generate in the slow run.
+GREEDY_NAMES = [n if n in ("qwen3", "gemma2") else pytest.param(n, marks=pytest.mark.slow(reason="see GREEDY_NAMES"))
+                for n in NAMES]
+
+
+@pytest.mark.parametrize("name", GREEDY_NAMES)
 def test_greedy_generation_matches_transformers_batched_with_left_padding(family_base, name):
     hf, model, params = family_base(name)
     rng = np.random.default_rng(11)
