@@ -33,6 +33,7 @@ from absl import logging
 
 from jaxpeft.core.errors import UnsupportedModelError
 from jaxpeft.models import config as llama_config
+from jaxpeft.kernels.attention import attention
 from jaxpeft.models import hooks, ops
 from jaxpeft.models.causal_lm import Cache, CausalLM, write_cache
 from jaxpeft.models.config import LlamaConfig
@@ -212,7 +213,7 @@ class Attention(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxSxD, cos, sin, allowed_BxSxT, layer_cache):
+    def __call__(self, x_BxSxD, cos, sin, mask, layer_cache):
         c = self.config
         dense = lambda n, f: Linear(  # noqa: E731
             f, c.attention_bias, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic, name=n)
@@ -227,7 +228,7 @@ class Attention(nn.Module):
             k = GemmaNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         k, v, new_cache = write_cache(layer_cache, k, v, self.dtype)
-        out = ops.attention(q, k, v, allowed_BxSxT, self.dtype, scale=c.query_pre_attn_scalar ** -0.5,
+        out = attention(q, k, v, mask, self.dtype, scale=c.query_pre_attn_scalar ** -0.5,
                             logit_cap=c.attn_logit_softcapping)
         return dense("o_proj", c.hidden_size)(out), new_cache
 
@@ -257,7 +258,7 @@ class DecoderLayer(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, h_BxSxD, cos, sin, allowed_BxSxT, layer_cache):
+    def __call__(self, h_BxSxD, cos, sin, mask, layer_cache):
         c = self.config
         args = (self.dtype, self.param_dtype, self.dropout_rate, self.deterministic)
         params = self.variables.get("params", {})
@@ -270,7 +271,7 @@ class DecoderLayer(nn.Module):
         norm = lambda name: GemmaNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
 
         attn, new_cache = Attention(c, *args, name="self_attn")(norm("input_layernorm")(h_BxSxD), cos, sin,
-                                                                allowed_BxSxT, layer_cache)
+                                                                mask, layer_cache)
         h = residual_add("attention", h_BxSxD, norm("post_attention_layernorm")(attn))
         mlp = MLP(c, *args, name="mlp")(norm("pre_feedforward_layernorm")(h))
         return residual_add("mlp", h, norm("post_feedforward_layernorm")(mlp)), new_cache

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.kernels.attention import attention
 from jaxpeft.models import hooks, ops
 from jaxpeft.models.causal_lm import Cache, CausalLM, write_cache
 from jaxpeft.models.config import LlamaConfig
@@ -49,7 +50,7 @@ class Attention(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxSxD, cos, sin, allowed_BxSxT, layer_cache):
+    def __call__(self, x_BxSxD, cos, sin, mask, layer_cache):
         c = self.config
         dense = lambda n, f, bias: Linear(  # noqa: E731
             f, bias, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic, name=n
@@ -65,7 +66,7 @@ class Attention(nn.Module):
             k = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         k, v, new_cache = write_cache(layer_cache, k, v, self.dtype)
-        out = ops.attention(q, k, v, allowed_BxSxT, self.dtype)
+        out = attention(q, k, v, mask, self.dtype)
         return dense("o_proj", c.hidden_size, c.o_proj_bias)(out), new_cache
 
 
@@ -100,7 +101,7 @@ class DecoderLayer(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, h_BxSxD, cos, sin, allowed_BxSxT, layer_cache):
+    def __call__(self, h_BxSxD, cos, sin, mask, layer_cache):
         c = self.config
         args = (self.dtype, self.param_dtype, self.dropout_rate, self.deterministic)
         params = self.variables.get("params", {})
@@ -112,7 +113,7 @@ class DecoderLayer(nn.Module):
                                                              dropout=dropout)
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(h_BxSxD)
-        attn, new_cache = self.attention_cls(c, *args, name="self_attn")(x, cos, sin, allowed_BxSxT, layer_cache)
+        attn, new_cache = self.attention_cls(c, *args, name="self_attn")(x, cos, sin, mask, layer_cache)
         h = residual_add("attention", h_BxSxD, attn)
         x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(h)
         return residual_add("mlp", h, self.mlp_cls(c, *args, name="mlp")(x)), new_cache
