@@ -40,7 +40,7 @@ class CausalLM(nn.Module):
     config: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # models/remat.py: recompute layers in the backward; "offload": to host (GPU)
     dropout_rate: float = 0.0  # dropout on adapter paths (e.g. LoRA), active when not deterministic
     deterministic: bool = True
     attention: str = "auto"  # kernels.attention implementation: auto | dense | blockwise | cudnn

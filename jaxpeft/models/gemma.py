@@ -38,6 +38,7 @@ from jaxpeft.models import hooks, ops
 from jaxpeft.models.causal_lm import Cache, CausalLM, write_cache
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.layers import Embed, Linear
+from jaxpeft.models.remat import run_layer
 
 ARCHITECTURES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 LAYER_MODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -281,7 +282,7 @@ class GemmaModel(nn.Module):
     config: GemmaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     dropout_rate: float = 0.0
     deterministic: bool = True
 
@@ -312,19 +313,18 @@ class DecoderStack(nn.Module):
     param_dtype: Any
     dropout_rate: float
     deterministic: bool
-    remat: bool
+    remat: bool | str  # models/remat.py: False, True, "offload"
 
     @nn.compact
     def __call__(self, h, rope, allowed, cache):
-        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         new_layers = {}
         windows = self.config.layer_windows()
         for i in range(self.config.num_hidden_layers):
             layer_cache = None if cache is None else {**cache["layers"][str(i)], "index": cache["index"]}
             cos, sin = rope["full" if windows[i] is None else "sliding"]
-            layer = layer_cls(self.config, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
-                              name=str(i))
-            h, new_layers[str(i)] = layer(h, cos, sin, allowed[windows[i]], layer_cache)
+            layer = DecoderLayer(self.config, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
+                                 name=str(i))
+            h, new_layers[str(i)] = run_layer(self, layer, (h, cos, sin, allowed[windows[i]], layer_cache), self.remat)
         return h, new_layers
 
 

@@ -36,6 +36,7 @@ from jaxpeft.models import hooks, ops
 from jaxpeft.models.causal_lm import Cache, CausalLM, write_cache
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.layers import Embed, Linear, RMSNorm
+from jaxpeft.models.remat import run_layer
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 QK_NORMS = ("q_norm", "k_norm")
@@ -128,20 +129,19 @@ class DecoderStack(nn.Module):
     param_dtype: Any
     dropout_rate: float
     deterministic: bool
-    remat: bool
+    remat: bool | str  # models/remat.py: False, True, "offload"
 
     @nn.compact
     def __call__(self, h, cos, sin, allowed, cache):
-        layer_cls = nn.remat(self.layer_cls) if self.remat else self.layer_cls
         new_layers = {}
         windows = self.config.layer_windows()
         for i in range(self.config.num_hidden_layers):
             layer_cache = None
             if cache is not None:
                 layer_cache = {**cache["layers"][str(i)], "index": cache["index"]}
-            layer = layer_cls(self.config, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
-                              name=str(i))
-            h, new_layers[str(i)] = layer(h, cos, sin, allowed[windows[i]], layer_cache)
+            layer = self.layer_cls(self.config, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
+                                   name=str(i))
+            h, new_layers[str(i)] = run_layer(self, layer, (h, cos, sin, allowed[windows[i]], layer_cache), self.remat)
         return h, new_layers
 
 
@@ -150,7 +150,7 @@ class LlamaModel(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     dropout_rate: float = 0.0
     deterministic: bool = True
 
