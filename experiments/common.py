@@ -133,6 +133,12 @@ def define_run_flags(fv: flags.FlagValues, default_steps: int = 200, default_lr:
     define_param_dtype_flag(fv)
     flags.DEFINE_bool("remat", False, "Recompute layer activations in the backward pass (saves memory).",
                       flag_values=fv)
+    flags.DEFINE_bool("remat_offload", False, "GPU only: keep the checkpointed layer activations in host memory "
+                      "(jax.checkpoint_policies offload); refused on the CPU.", flag_values=fv)
+    flags.DEFINE_enum("attention", "auto", ["auto", "dense", "blockwise", "cudnn"],
+                      "Attention implementation: auto picks cuDNN on a GPU where it applies, blockwise (memory "
+                      "linear in the sequence) for sequences of 1024+ tokens, else dense.", flag_values=fv)
+    flags.DEFINE_integer("attention_block", 512, "Query / key block of the blockwise attention.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed for init, data order and dropout.", flag_values=fv)
     flags.DEFINE_integer("eval_every", 0, "Evaluate every N steps (0 = only before and after).", flag_values=fv)
     flags.DEFINE_integer("eval_examples", 100, "Held-out examples to evaluate (loss and generation metrics).",
@@ -250,7 +256,9 @@ def run_config_from_flags(fv: flags.FlagValues, method_name: str):
                      chat_template=f.chat_template, truncation=f.truncation,
                      steps=f.steps, batch_size=f.batch_size, grad_accum=f.grad_accum, seq_len=f.seq_len, pack=f.pack,
                      lr=f.lr, warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,
-                     max_grad_norm=f.max_grad_norm, dtype=f.dtype, param_dtype=f.param_dtype, remat=f.remat, seed=f.seed,
+                     max_grad_norm=f.max_grad_norm, dtype=f.dtype, param_dtype=f.param_dtype, remat=f.remat,
+                     remat_offload=f.remat_offload, attention=f.attention, attention_block=f.attention_block,
+                     seed=f.seed,
                      eval_every=f.eval_every, eval_examples=f.eval_examples, save_every=f.save_every,
                      keep_checkpoints=f.keep_checkpoints, resume=f.resume, overwrite=f.overwrite,
                      save_merged=f.save_merged, merged_dtype=f.merged_dtype, progress=f.progress,

@@ -60,6 +60,7 @@ class CausalLM(nn.Module):
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention={self.attention!r}: expected one of {list(ATTENTION_CHOICES)}")
         options = dict(implementation=self.attention, block=self.attention_block)
+        unpadded = attention_mask_BxS is None  # then trivially right padded (cuDNN's key lengths apply)
         if attention_mask_BxS is None:
             attention_mask_BxS = jnp.ones((b, s), jnp.int32)
         hooks.check_known("top", list(self.variables.get("params", {})), TOP_MODULES)
@@ -70,7 +71,8 @@ class CausalLM(nn.Module):
         if cache is None:
             if positions_BxS is None:
                 positions_BxS = default_positions(attention_mask_BxS)
-            allowed = layer_masks(self.config, attention_mask_BxS, segment_ids_BxS, 0, s, **options)
+            allowed = layer_masks(self.config, attention_mask_BxS, segment_ids_BxS, 0, s, right_padded=unpadded,
+                                  **options)
         else:
             if virtual and cache.get("virtual", jnp.zeros((0,))).shape != (virtual,):
                 raise ValueError(f"the parameters carry {virtual} virtual tokens (prompt/prefix tuning) but the cache "
