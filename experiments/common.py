@@ -136,6 +136,12 @@ def define_run_flags(fv: flags.FlagValues, default_steps: int = 200, default_lr:
     flags.DEFINE_integer("loss_chunk", None, "Targets per chunk of the head + cross-entropy, so target x vocab "
                          "logits never exist at once (0 = all at once; default: auto, by vocabulary size).",
                          lower_bound=0, flag_values=fv)
+    flags.DEFINE_bool("remat_offload", False, "GPU only: keep the checkpointed layer activations in host memory "
+                      "(jax.checkpoint_policies offload); refused on the CPU.", flag_values=fv)
+    flags.DEFINE_enum("attention", "auto", ["auto", "dense", "blockwise", "cudnn"],
+                      "Attention implementation: auto picks cuDNN on a GPU where it applies, blockwise (memory "
+                      "linear in the sequence) for sequences of 1024+ tokens, else dense.", flag_values=fv)
+    flags.DEFINE_integer("attention_block", 512, "Query / key block of the blockwise attention.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed for init, data order and dropout.", flag_values=fv)
     flags.DEFINE_integer("eval_every", 0, "Evaluate every N steps (0 = only before and after).", flag_values=fv)
     flags.DEFINE_integer("eval_examples", 100, "Held-out examples to evaluate (loss and generation metrics).",
@@ -263,7 +269,9 @@ def run_config_from_flags(fv: flags.FlagValues, method_name: str):
                      steps=f.steps, batch_size=f.batch_size, grad_accum=f.grad_accum, seq_len=f.seq_len, pack=f.pack,
                      lr=f.lr, warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,
                      max_grad_norm=f.max_grad_norm, dtype=f.dtype, param_dtype=f.param_dtype, remat=f.remat,
-                     loss_chunk=f.loss_chunk, seed=f.seed,
+                     loss_chunk=f.loss_chunk,
+                     remat_offload=f.remat_offload, attention=f.attention, attention_block=f.attention_block,
+                     seed=f.seed,
                      eval_every=f.eval_every, eval_examples=f.eval_examples, save_every=f.save_every,
                      keep_checkpoints=f.keep_checkpoints, resume=f.resume, overwrite=f.overwrite,
                      save_merged=f.save_merged, merged_dtype=f.merged_dtype, progress=f.progress,

@@ -4,10 +4,13 @@ A family subclasses `CausalLM` and builds, in `setup`, two things:
     self.model   the decoder body: `model(input_ids_BxS, positions_BxS, allowed, cache, embeds_BxSxD=None)`
                  -> (final hidden states (B, S, D), {layer name: {"k", "v"}} the new cache layers);
                  `embeds_BxSxD` replaces the token embeddings, `input_ids` may then be None; `allowed` is
-                 `layer_masks`' {window: (B, S, T) mask}, layer i reading `allowed[config.layer_windows()[i]]`.
+                 `layer_masks`' {window: `AttentionMask`}, layer i reading `allowed[config.layer_windows()[i]]`
+                 and passing it to `kernels.attention.attention`.
     self.lm_head a Linear, unless the config ties the embeddings (then `self.model.embed_tokens.attend`).
 Everything else is here, once: default positions that skip left padding, the causal / padding / window /
-segment mask, the cache's slots and write index, and virtual tokens. Virtual tokens (a registered
+segment mask (a structured `kernels.attention.AttentionMask`, never a dense (B, S, T) array: the blockwise
+attention evaluates it tile by tile; it also carries the `attention` implementation the model was built
+with), the cache's slots and write index, and virtual tokens. Virtual tokens (a registered
 `hooks.VirtualTokenSource`: prefix or prompt tuning) enter as a cache whose first P slots hold their keys
 and values; real tokens follow them at positions P.., and outputs come back for the real tokens only.
 
@@ -23,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.kernels.attention import CHOICES as ATTENTION_CHOICES
+from jaxpeft.kernels.attention import DEFAULT_BLOCK, AttentionMask, make_mask
 from jaxpeft.models import hooks
 
 Cache = dict[str, Any]
@@ -35,9 +40,11 @@ class CausalLM(nn.Module):
     config: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # models/remat.py: recompute layers in the backward; "offload": to host (GPU)
     dropout_rate: float = 0.0  # dropout on adapter paths (e.g. LoRA), active when not deterministic
     deterministic: bool = True
+    attention: str = "auto"  # kernels.attention implementation: auto | dense | blockwise | cudnn
+    attention_block: int = DEFAULT_BLOCK  # query / key block of the blockwise attention
 
     def __call__(
         self,
@@ -50,6 +57,10 @@ class CausalLM(nn.Module):
         return_hidden: bool = False,
     ):
         b, s = input_ids_BxS.shape
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention={self.attention!r}: expected one of {list(ATTENTION_CHOICES)}")
+        options = dict(implementation=self.attention, block=self.attention_block)
+        unpadded = attention_mask_BxS is None  # then trivially right padded (cuDNN's key lengths apply)
         if attention_mask_BxS is None:
             attention_mask_BxS = jnp.ones((b, s), jnp.int32)
         hooks.check_known("top", list(self.variables.get("params", {})), TOP_MODULES)
@@ -60,7 +71,8 @@ class CausalLM(nn.Module):
         if cache is None:
             if positions_BxS is None:
                 positions_BxS = default_positions(attention_mask_BxS)
-            allowed = layer_masks(self.config, attention_mask_BxS, segment_ids_BxS, 0, s)
+            allowed = layer_masks(self.config, attention_mask_BxS, segment_ids_BxS, 0, s, right_padded=unpadded,
+                                  **options)
         else:
             if virtual and cache.get("virtual", jnp.zeros((0,))).shape != (virtual,):
                 raise ValueError(f"the parameters carry {virtual} virtual tokens (prompt/prefix tuning) but the cache "
@@ -74,11 +86,13 @@ class CausalLM(nn.Module):
                 positions_BxS = jax.lax.dynamic_slice_in_dim(counted, index, s, axis=1)
             elif virtual:
                 positions_BxS = positions_BxS + virtual  # as PEFT: given positions count after the virtual tokens
-            allowed = layer_masks(self.config, key_mask, None, index, s)
+            key_segments = None
             if own_cache and segment_ids_BxS is not None:  # packed rows: every segment sees the virtual tokens
-                same = segment_ids_BxS[:, :, None] == segment_ids_BxS[:, None, :]
-                allowed = {w: jnp.concatenate([a[:, :, :virtual], a[:, :, virtual:] & same], axis=2)
-                           for w, a in allowed.items()}
+                key_segments = jnp.concatenate([jnp.zeros((b, virtual), segment_ids_BxS.dtype), segment_ids_BxS], 1)
+            else:
+                segment_ids_BxS = None
+            allowed = layer_masks(self.config, key_mask, segment_ids_BxS, index, s, key_segment_ids_BxT=key_segments,
+                                  shared_prefix=virtual if key_segments is not None else 0, **options)
         hidden, new_layers = self.model(input_ids_BxS, positions_BxS, allowed, cache)
         new_cache = None
         if cache is not None and not own_cache:
@@ -114,7 +128,8 @@ class CausalLM(nn.Module):
         c = self.config
         embeds_1xPxD = jnp.asarray(embeds_PxD)[None]
         p = embeds_1xPxD.shape[1]
-        allowed = layer_masks(c, jnp.ones((1, p), jnp.int32), None, 0, p)
+        allowed = layer_masks(c, jnp.ones((1, p), jnp.int32), None, 0, p, implementation=self.attention,
+                              block=self.attention_block)
         cache = init_cache(c, 1, p, self.dtype)
         _, layers = self.model(None, jnp.arange(p, dtype=jnp.int32)[None], allowed, cache, embeds_1xPxD)
         return [(layers[str(i)]["k"][0], layers[str(i)]["v"][0]) for i in range(c.num_hidden_layers)]
@@ -142,23 +157,19 @@ def write_cache(layer_cache: Cache | None, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.
     return k.astype(dtype), v.astype(dtype), {"k": k, "v": v}
 
 
-def layer_masks(config: Any, key_mask_BxT, segment_ids_BxS, offset, s) -> dict[int | None, jax.Array]:
+def layer_masks(config: Any, key_mask_BxT, segment_ids_BxS, offset, s, **options) -> dict[int | None, AttentionMask]:
     """{window: `causal_mask`} for each distinct attention window of the layers (`config.layer_windows()`);
-    layer i attends with `masks[config.layer_windows()[i]]`."""
-    return {w: causal_mask(key_mask_BxT, segment_ids_BxS, w, offset, s) for w in dict.fromkeys(config.layer_windows())}
+    layer i attends with `masks[config.layer_windows()[i]]`. `options` go to `make_mask` (key segment ids,
+    shared prefix, implementation, block)."""
+    return {w: causal_mask(key_mask_BxT, segment_ids_BxS, w, offset, s, **options)
+            for w in dict.fromkeys(config.layer_windows())}
 
 
-def causal_mask(key_mask_BxT, segment_ids_BxS, window, offset, s) -> jax.Array:
-    """allowed[b, s, t]: key slot t is real, not in the future of query slot offset+s, and in the window."""
-    t = key_mask_BxT.shape[1]
-    q_slot = offset + jnp.arange(s)[:, None]
-    k_slot = jnp.arange(t)[None, :]
-    allowed = (k_slot <= q_slot)[None] & (key_mask_BxT[:, None, :] > 0)
-    if window is not None:
-        allowed &= (q_slot - k_slot < window)[None]
-    if segment_ids_BxS is not None:
-        allowed &= segment_ids_BxS[:, :, None] == segment_ids_BxS[:, None, :]
-    return allowed
+def causal_mask(key_mask_BxT, segment_ids_BxS, window, offset, s, **options) -> AttentionMask:
+    """allowed[b, s, t]: key slot t is real, not in the future of query slot offset+s, and in the window (and,
+    for packed rows, in the query's segment); `.dense(s)` is that (B, S, T) boolean array."""
+    del s  # the mask's queries are whatever the attention receives
+    return make_mask(key_mask_BxT, offset=offset, segment_ids_BxS=segment_ids_BxS, window=window, **options)
 
 
 def init_cache(config: Any, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:

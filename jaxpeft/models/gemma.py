@@ -33,10 +33,12 @@ from absl import logging
 
 from jaxpeft.core.errors import UnsupportedModelError
 from jaxpeft.models import config as llama_config
+from jaxpeft.kernels.attention import attention
 from jaxpeft.models import hooks, ops
 from jaxpeft.models.causal_lm import Cache, CausalLM, write_cache
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.layers import Embed, Linear
+from jaxpeft.models.remat import run_layer
 
 ARCHITECTURES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 LAYER_MODULES = ("input_layernorm", "self_attn", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -212,7 +214,7 @@ class Attention(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxSxD, cos, sin, allowed_BxSxT, layer_cache):
+    def __call__(self, x_BxSxD, cos, sin, mask, layer_cache):
         c = self.config
         dense = lambda n, f: Linear(  # noqa: E731
             f, c.attention_bias, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic, name=n)
@@ -227,7 +229,7 @@ class Attention(nn.Module):
             k = GemmaNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         k, v, new_cache = write_cache(layer_cache, k, v, self.dtype)
-        out = ops.attention(q, k, v, allowed_BxSxT, self.dtype, scale=c.query_pre_attn_scalar ** -0.5,
+        out = attention(q, k, v, mask, self.dtype, scale=c.query_pre_attn_scalar ** -0.5,
                             logit_cap=c.attn_logit_softcapping)
         return dense("o_proj", c.hidden_size)(out), new_cache
 
@@ -257,7 +259,7 @@ class DecoderLayer(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, h_BxSxD, cos, sin, allowed_BxSxT, layer_cache):
+    def __call__(self, h_BxSxD, cos, sin, mask, layer_cache):
         c = self.config
         args = (self.dtype, self.param_dtype, self.dropout_rate, self.deterministic)
         params = self.variables.get("params", {})
@@ -270,7 +272,7 @@ class DecoderLayer(nn.Module):
         norm = lambda name: GemmaNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
 
         attn, new_cache = Attention(c, *args, name="self_attn")(norm("input_layernorm")(h_BxSxD), cos, sin,
-                                                                allowed_BxSxT, layer_cache)
+                                                                mask, layer_cache)
         h = residual_add("attention", h_BxSxD, norm("post_attention_layernorm")(attn))
         mlp = MLP(c, *args, name="mlp")(norm("pre_feedforward_layernorm")(h))
         return residual_add("mlp", h, norm("post_feedforward_layernorm")(mlp)), new_cache
@@ -280,7 +282,7 @@ class GemmaModel(nn.Module):
     config: GemmaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     dropout_rate: float = 0.0
     deterministic: bool = True
 
@@ -311,19 +313,18 @@ class DecoderStack(nn.Module):
     param_dtype: Any
     dropout_rate: float
     deterministic: bool
-    remat: bool
+    remat: bool | str  # models/remat.py: False, True, "offload"
 
     @nn.compact
     def __call__(self, h, rope, allowed, cache):
-        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         new_layers = {}
         windows = self.config.layer_windows()
         for i in range(self.config.num_hidden_layers):
             layer_cache = None if cache is None else {**cache["layers"][str(i)], "index": cache["index"]}
             cos, sin = rope["full" if windows[i] is None else "sliding"]
-            layer = layer_cls(self.config, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
-                              name=str(i))
-            h, new_layers[str(i)] = layer(h, cos, sin, allowed[windows[i]], layer_cache)
+            layer = DecoderLayer(self.config, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
+                                 name=str(i))
+            h, new_layers[str(i)] = run_layer(self, layer, (h, cos, sin, allowed[windows[i]], layer_cache), self.remat)
         return h, new_layers
 
 

@@ -31,10 +31,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.kernels.attention import attention
 from jaxpeft.models import hooks, ops
 from jaxpeft.models.causal_lm import Cache, CausalLM, write_cache
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.layers import Embed, Linear, RMSNorm
+from jaxpeft.models.remat import run_layer
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 QK_NORMS = ("q_norm", "k_norm")
@@ -49,7 +51,7 @@ class Attention(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxSxD, cos, sin, allowed_BxSxT, layer_cache):
+    def __call__(self, x_BxSxD, cos, sin, mask, layer_cache):
         c = self.config
         dense = lambda n, f, bias: Linear(  # noqa: E731
             f, bias, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic, name=n
@@ -65,7 +67,7 @@ class Attention(nn.Module):
             k = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         k, v, new_cache = write_cache(layer_cache, k, v, self.dtype)
-        out = ops.attention(q, k, v, allowed_BxSxT, self.dtype)
+        out = attention(q, k, v, mask, self.dtype)
         return dense("o_proj", c.hidden_size, c.o_proj_bias)(out), new_cache
 
 
@@ -100,7 +102,7 @@ class DecoderLayer(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, h_BxSxD, cos, sin, allowed_BxSxT, layer_cache):
+    def __call__(self, h_BxSxD, cos, sin, mask, layer_cache):
         c = self.config
         args = (self.dtype, self.param_dtype, self.dropout_rate, self.deterministic)
         params = self.variables.get("params", {})
@@ -112,7 +114,7 @@ class DecoderLayer(nn.Module):
                                                              dropout=dropout)
 
         x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(h_BxSxD)
-        attn, new_cache = self.attention_cls(c, *args, name="self_attn")(x, cos, sin, allowed_BxSxT, layer_cache)
+        attn, new_cache = self.attention_cls(c, *args, name="self_attn")(x, cos, sin, mask, layer_cache)
         h = residual_add("attention", h_BxSxD, attn)
         x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(h)
         return residual_add("mlp", h, self.mlp_cls(c, *args, name="mlp")(x)), new_cache
@@ -127,20 +129,19 @@ class DecoderStack(nn.Module):
     param_dtype: Any
     dropout_rate: float
     deterministic: bool
-    remat: bool
+    remat: bool | str  # models/remat.py: False, True, "offload"
 
     @nn.compact
     def __call__(self, h, cos, sin, allowed, cache):
-        layer_cls = nn.remat(self.layer_cls) if self.remat else self.layer_cls
         new_layers = {}
         windows = self.config.layer_windows()
         for i in range(self.config.num_hidden_layers):
             layer_cache = None
             if cache is not None:
                 layer_cache = {**cache["layers"][str(i)], "index": cache["index"]}
-            layer = layer_cls(self.config, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
-                              name=str(i))
-            h, new_layers[str(i)] = layer(h, cos, sin, allowed[windows[i]], layer_cache)
+            layer = self.layer_cls(self.config, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic,
+                                   name=str(i))
+            h, new_layers[str(i)] = run_layer(self, layer, (h, cos, sin, allowed[windows[i]], layer_cache), self.remat)
         return h, new_layers
 
 
@@ -149,7 +150,7 @@ class LlamaModel(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     dropout_rate: float = 0.0
     deterministic: bool = True
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxpeft.kernels.attention.dense import dense_attention
 from jaxpeft.kernels.dense import dense_matmul, needs_tied_matmul
 from jaxpeft.models import hooks
 
@@ -134,19 +135,6 @@ def attention(
     scale: float | None = None,
     logit_cap: float | None = None,
 ) -> jax.Array:
-    """Grouped-query softmax attention; `allowed` is the boolean mask (causal, padding, window).
-
-    `scale` multiplies the scores (default E ** -0.5); `logit_cap` soft-caps them before the mask (Gemma 2)."""
-    b, s, h, e = q_BxSxHxE.shape
-    k = k_BxTxKxE.shape[2]
-    q = q_BxSxHxE.reshape(b, s, k, h // k, e)
-    # Scores and the weighted sum accumulate in fp32 and are not rounded to a bf16 `dtype` before the
-    # softmax (as torch's CPU and flash SDPA kernels do); only the probabilities and the output are.
-    scores = jnp.einsum("bskge,btke->bkgst", q, k_BxTxKxE, preferred_element_type=jnp.float32) * (
-        e ** -0.5 if scale is None else scale)
-    if logit_cap is not None:
-        scores = softcap(scores, logit_cap)
-    scores = jnp.where(allowed_BxSxT[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgst,btke->bskge", probs, v_BxTxKxE, preferred_element_type=jnp.float32).astype(dtype)
-    return out.reshape(b, s, h * e)
+    """The dense reference attention over a boolean (B, S, T) mask (`kernels.attention.dense_attention`); the
+    families call `kernels.attention.attention`, which takes the structured mask and picks an implementation."""
+    return dense_attention(q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, allowed_BxSxT, dtype, scale=scale, logit_cap=logit_cap)

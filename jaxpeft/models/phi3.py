@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxpeft.core.errors import UnsupportedModelError
 from jaxpeft.models import config as llama_config
+from jaxpeft.kernels.attention import attention
 from jaxpeft.models import hooks, llama, ops
 from jaxpeft.models.causal_lm import write_cache
 from jaxpeft.models.config import LlamaConfig
@@ -177,7 +178,7 @@ class Attention(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxSxD, cos, sin, allowed_BxSxT, layer_cache):
+    def __call__(self, x_BxSxD, cos, sin, mask, layer_cache):
         c = self.config
         dense = lambda n, f: Linear(  # noqa: E731
             f, False, self.dtype, self.param_dtype, self.dropout_rate, self.deterministic, name=n)
@@ -189,7 +190,7 @@ class Attention(nn.Module):
         v = qkv[..., c.q_dim + c.kv_dim:].reshape(b, s, c.num_key_value_heads, c.head_dim)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         k, v, new_cache = write_cache(layer_cache, k, v, self.dtype)
-        return dense("o_proj", c.hidden_size)(ops.attention(q, k, v, allowed_BxSxT, self.dtype)), new_cache
+        return dense("o_proj", c.hidden_size)(attention(q, k, v, mask, self.dtype)), new_cache
 
 
 class MLP(nn.Module):

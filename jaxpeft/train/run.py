@@ -20,6 +20,7 @@ from jaxpeft.core.partition import count
 from jaxpeft.core.tree import flatten_params
 from jaxpeft.merge.unload import save_merged
 from jaxpeft.methods.base import Method
+from jaxpeft.models.remat import check_offload
 from jaxpeft.train import optim
 from jaxpeft.train.evaluate import Evaluator, scalars
 from jaxpeft.train.loop import TrainConfig, Trainer, micro_batch_targets
@@ -109,9 +110,14 @@ def load_base(cfg: RunConfig, base_loader: Callable | None, mesh: Any) -> tuple[
     """(model, params, tokenizer, info for config.json) from `from_pretrained` or the run's base loader,
     each weight read once and put straight onto its place on `mesh`."""
     load = from_pretrained if base_loader is None else base_loader
-    out = load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
+    if cfg.remat_offload:
+        check_offload()
+    remat = "offload" if cfg.remat_offload else cfg.remat
+    out = load(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=remat,
                placement=MeshPlacement(mesh), progress=cfg.progress)
     model, params, tokenizer, info = out if base_loader is not None else (*out, {})
+    if hasattr(model, "attention"):  # every CausalLM family; a custom base loader may bring another module
+        model = model.clone(attention=cfg.attention, attention_block=cfg.attention_block)
     release_freed_memory()  # e.g. the host copies the loader dropped
     info = {**info, "base": base_summary(params, model)}
     b = info["base"]

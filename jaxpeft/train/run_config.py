@@ -34,6 +34,9 @@ class RunConfig:
     param_dtype: str = "auto"  # stored dtype of the base weights; auto: the checkpoint's
     remat: bool = False
     loss_chunk: int | None = None  # targets per chunk of the head + loss (train/chunked_loss.py); None auto, 0 off
+    remat_offload: bool = False  # GPU: checkpointed activations go to host memory (models/remat.py)
+    attention: str = "auto"  # kernels/attention implementation: auto | dense | blockwise | cudnn
+    attention_block: int = 512  # query / key block of the blockwise attention
     seed: int = 0
     eval_every: int = 0
     save_every: int = 0
