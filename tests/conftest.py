@@ -8,18 +8,7 @@ with `tiny_hf_model` (or deep-copies). Jax params are immutable, so sharing them
 
 from __future__ import annotations
 
-import os
 import shutil
-
-# XLA's CPU backend compiles each program with LLVM at its full optimisation level; the tests' programs are
-# tiny and mostly compiled once, so compiling is most of their cost. The default run compiles with the
-# backend optimisations off (HLO passes, fusion and buffer assignment, so memory_analysis, are unchanged;
-# measured: test_per_example_logits 42.5 -> 32.4 s user CPU). JAXPEFT_TEST_FULL_XLA=1 runs at XLA's defaults.
-# Set before the backend starts (conftest loads before any test module); subprocesses inherit it.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-if os.environ.get("JAXPEFT_TEST_FULL_XLA") != "1" and "xla_backend_optimization_level" not in os.environ.get(
-        "XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAGS).strip()
 
 import pytest
 

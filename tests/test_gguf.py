@@ -93,6 +93,8 @@ def reference(reference_model):
     return model.config, state
 
 
+@pytest.mark.slow  # transformers' own GGUF load of the real 135M file (~45 s of CPU, once for the module); the
+# tiny GGUF files below check the reader against the format, test_cached_hf_folder the real file's conversion
 @needs_smollm2
 def test_state_dict_matches_transformers(ours, reference) -> None:
     config, state = ours
@@ -109,6 +111,8 @@ def test_state_dict_matches_transformers(ours, reference) -> None:
     assert sum(v.size for v in state.values()) == 134_515_008
 
 
+@pytest.mark.slow  # transformers' own GGUF load of the real 135M file (~45 s of CPU, once for the module); the
+# tiny GGUF files below check the reader against the format, test_cached_hf_folder the real file's conversion
 @needs_smollm2
 def test_config_matches_transformers(ours, reference) -> None:
     config, _ = ours
@@ -292,7 +296,7 @@ def test_read_gguf_rejects_unknown(tmp_path) -> None:
         read_gguf(path)
 
 
-@pytest.mark.slow  # the real 135M model in both libraries, 32 greedy steps each: ~90 s of CPU; every GGUF tensor is compared with transformers' in test_state_dict_matches_transformers, the cached folder's loading in test_cached_hf_folder
+@pytest.mark.slow  # the real 135M model in both libraries, 32 greedy steps each: ~90 s of CPU; the default run keeps the real file's conversion (test_cached_hf_folder) and the tiny GGUF reader tests
 @needs_smollm2
 def test_greedy_generation_matches_transformers_gguf_load(gguf_path: str, reference_model) -> None:
     """32 greedy tokens from a fixed chat prompt: jaxpeft (cached folder) == transformers (its GGUF load)."""

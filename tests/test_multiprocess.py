@@ -38,7 +38,7 @@ def _launch(*args: str, timeout: float) -> tuple[int, str, float]:
     return proc.returncode, out, time.monotonic() - start
 
 
-@pytest.mark.slow  # three JAX interpreters (launcher, two workers) each compiling every layout: ~120 s of CPU; the layouts' numerics on one process are test_sharding's, the launcher's control flow the tests below
+@pytest.mark.slow  # three JAX interpreters (launcher, two workers) each compiling every layout: ~120 s of CPU; the layouts' numerics on one process are test_sharding's, the launcher's settings the tests below
 def test_two_processes_over_jax_distributed_agree_with_one_process(tmp_path):
     rc, out, _ = _launch("--num_processes=2", "--platform=cpu", "--devices_per_process=2", "--timeout=420",
                          "--initialization_timeout=60", "--", "-m", "tests.multiprocess_worker", f"--out={tmp_path}",
@@ -60,6 +60,8 @@ def test_two_processes_over_jax_distributed_agree_with_one_process(tmp_path):
         np.testing.assert_allclose(runs[0][name], reference, atol=1e-5, rtol=0, err_msg=name)
 
 
+@pytest.mark.slow  # four more JAX interpreters and a timeout waited out: ~25 s wall; the settings and argv tests
+# below stay in the default run
 def test_a_failed_process_stops_the_others_and_a_hung_run_times_out(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text("import sys, time, jax\n"
