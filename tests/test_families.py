@@ -31,7 +31,7 @@ from jaxpeft.models.causal_lm import default_positions
 from jaxpeft.models.families import FAMILIES, default_targets
 from jaxpeft.models.generate import generate
 from tests import tolerances
-from tests.hf_tiny import FAMILY_CASES, FAMILY_VARIANTS, VOCAB, hf_logits, tiny_hf_config, tiny_hf_model
+from tests.hf_tiny import FAMILY_CASES, FAMILY_VARIANTS, VOCAB, hf_greedy_left_padded, hf_logits, tiny_hf_config, tiny_hf_model
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -128,18 +128,11 @@ def test_greedy_generation_matches_transformers_batched_with_left_padding(family
     hf, model, params = family_base(name)
     rng = np.random.default_rng(11)
     prompts = [rng.integers(3, VOCAB, n).tolist() for n in (4, 13)]  # 13 > every tiny window
-    width = max(map(len, prompts))
-    ids = np.zeros((len(prompts), width), np.int64)
-    mask = np.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-    with torch.no_grad():
-        out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=24, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-    theirs = out[:, width:].tolist()
+    theirs = hf_greedy_left_padded(hf, prompts, 24)
     assert generate(model, params, prompts, max_new_tokens=24) == theirs
     recompute = model.config.generation_recompute_length()
     if recompute is not None and model.config.rope_type == "longrope":
+        width = max(map(len, prompts))
         assert width < recompute + 1 < width + 24, "the generation should cross the LongRoPE switch"
 
 

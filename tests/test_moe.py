@@ -24,7 +24,7 @@ from jaxpeft.models.causal_lm import default_positions
 from jaxpeft.models.generate import generate
 from jaxpeft.train import router_loss
 from tests import tolerances
-from tests.hf_tiny import VOCAB, hf_logits
+from tests.hf_tiny import VOCAB, hf_greedy_left_padded, hf_logits
 
 torch = pytest.importorskip("torch")
 
@@ -81,15 +81,7 @@ def test_greedy_generation_matches_transformers(family_base, name):
     hf, model, params = family_base(name)
     rng = np.random.default_rng(11)
     prompts = [rng.integers(3, VOCAB, n).tolist() for n in (4, 13)]  # 13 > the tiny window
-    width = max(map(len, prompts))
-    ids = np.zeros((len(prompts), width), np.int64)
-    mask = np.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-    with torch.no_grad():
-        out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-    assert generate(model, params, prompts, max_new_tokens=12) == out[:, width:].tolist()
+    assert generate(model, params, prompts, max_new_tokens=12) == hf_greedy_left_padded(hf, prompts, 12)
 
 
 @pytest.mark.parametrize("name", NAMES)
