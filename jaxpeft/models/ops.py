@@ -1,4 +1,4 @@
-"""The model's primitive ops as pure functions: the one `linear` op, RMSNorm, RoPE, attention.
+"""The model's primitive ops as pure functions: the one `linear` op, RMSNorm, RoPE (attention: kernels/attention).
 
 Shape legend: B batch, S query length, T key length, D model width, H query heads, K kv heads,
 G = H // K query heads per kv head, E head dim, I in features, O out features, R LoRA rank, F rope freqs.
@@ -16,7 +16,6 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.kernels.attention.dense import dense_attention
 from jaxpeft.kernels.dense import dense_matmul, needs_tied_matmul
 from jaxpeft.models import hooks
 
@@ -124,17 +123,3 @@ def apply_rope(x_BxSxHxE: jax.Array, cos_BxSxE: jax.Array, sin_BxSxE: jax.Array)
     rotated = jnp.concatenate([-x_BxSxHxE[..., half:], x_BxSxHxE[..., :half]], axis=-1)
     return x_BxSxHxE * cos_BxSxE[:, :, None, :] + rotated * sin_BxSxE[:, :, None, :]
 
-
-def attention(
-    q_BxSxHxE: jax.Array,
-    k_BxTxKxE: jax.Array,
-    v_BxTxKxE: jax.Array,
-    allowed_BxSxT: jax.Array,
-    dtype: Any,
-    *,
-    scale: float | None = None,
-    logit_cap: float | None = None,
-) -> jax.Array:
-    """The dense reference attention over a boolean (B, S, T) mask (`kernels.attention.dense_attention`); the
-    families call `kernels.attention.attention`, which takes the structured mask and picks an implementation."""
-    return dense_attention(q_BxSxHxE, k_BxTxKxE, v_BxTxKxE, allowed_BxSxT, dtype, scale=scale, logit_cap=logit_cap)

@@ -2,7 +2,7 @@
 
 Implementations (the `kernels/nf4_matmul` shape: an `IMPLEMENTATIONS` table, a tested gate, the XLA
 path as the reference):
-- "dense": `ops.attention`, the reference: every score materialised (B*H*S*T fp32, kept for the
+- "dense": `dense.dense_attention`, the reference: every score materialised (B*H*S*T fp32, kept for the
   backward). Simplest and fastest for short sequences and for decoding (S = 1).
 - "blockwise": `blockwise.blockwise_attention`, the online softmax over key blocks with a recomputing
   VJP, in plain JAX: linear memory on any backend, every mask case.

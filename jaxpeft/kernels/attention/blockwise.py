@@ -1,6 +1,6 @@
 """Flash-style attention in plain JAX: an online softmax over key blocks, memory linear in the sequence.
 
-The dense reference (`ops.attention`) holds B*H*S*T fp32 scores, and autodiff keeps them (and the
+The dense reference (`dense.dense_attention`) holds B*H*S*T fp32 scores, and autodiff keeps them (and the
 probabilities) for the backward: quadratic in the sequence, 600 MB a layer at 4k tokens on SmolLM2.
 Here the forward loops over query blocks and, inside, over the key blocks a query block can see
 (causality and the window bound the range, so fully masked blocks are never computed), keeping a

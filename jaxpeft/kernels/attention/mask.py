@@ -54,7 +54,7 @@ class AttentionMask:
         return self.key_valid_BxT.shape[1]
 
     def dense(self, s: int) -> jax.Array:
-        """The (B, S, T) boolean mask (what `ops.attention` takes)."""
+        """The (B, S, T) boolean mask (what `dense.dense_attention` takes)."""
         return self.tile(jnp.arange(s), jnp.arange(self.num_keys), self.key_valid_BxT, self.q_segment_BxS,
                           self.k_segment_BxT)
 
