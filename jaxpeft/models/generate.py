@@ -143,14 +143,15 @@ def generate(
     seed: int = 0,
     cache_dtype: Any = None,
     min_prompt_len: int = 0,
+    pad_multiple: int = 16,
 ) -> list[list[int]]:
     """Continues each prompt; returns the new tokens per row, cut after the first stop token (kept).
 
     `min_prompt_len` pads prompts to at least that length, so calls with different prompts share one
-    compiled decode loop."""
+    compiled decode loop; the padded length is a multiple of `pad_multiple`."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    ids, mask = left_pad(prompts, pad_id, min_len=min_prompt_len)
+    ids, mask = left_pad(prompts, pad_id, multiple=pad_multiple, min_len=min_prompt_len)
     fn = _decode_fn(model, max_new_tokens, sampling, cache_dtype or model.dtype)
     stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
     out = np.asarray(fn(params, jnp.asarray(ids), jnp.asarray(mask), stops, jax.random.key(seed)))

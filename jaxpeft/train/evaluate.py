@@ -28,6 +28,14 @@ def eval_loss(eval_step: Callable, params: Mapping, batches: Iterable[Mapping[st
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
 
+def even_width(n: int, most: int) -> int:
+    """The width of the fewest chunks of at most `most` rows that hold `n` rows, as even as they can be
+    (100 rows, most 64: 2 chunks of 50)."""
+    if n < 1:
+        return 1
+    return -(-n // -(-n // most))
+
+
 def generation_eval(
     model: Any,
     params: Mapping,
@@ -45,15 +53,16 @@ def generation_eval(
     totals: dict[str, float] = {}
     shown = []
     longest = max((len(p) for p, _ in examples), default=1)
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        # Decoding on the CPU is bound by reading the weights, so wide batches are nearly free; the
-        # last chunk is filled up to the same width so the decode loop compiles once.
-        width = min(batch_size, len(examples))
+    # Decoding on the CPU is bound by reading the weights, so wide batches are nearly free; the prompts
+    # (their prefill is most of the cost) are split into chunks of one width (so the decode loop compiles
+    # once) that waste as few rows as they can: 100 prompts are 2 x 50, not 64 + 36 filled up to 64.
+    width = even_width(len(examples), batch_size)
+    for start in range(0, len(examples), width):
+        chunk = examples[start:start + width]
         prompts = [p for p, _ in chunk] + [chunk[-1][0]] * (width - len(chunk))
         outs = generate(model, params, prompts, max_new_tokens=max_new_tokens,
                         sampling=SamplingConfig(greedy=True), stop_ids=stops, pad_id=pad,
-                        min_prompt_len=longest)[: len(chunk)]
+                        min_prompt_len=longest, pad_multiple=8)[: len(chunk)]
         for (prompt, ref), out in zip(chunk, outs):
             pred = tokenizer.decode(out, skip_special_tokens=True).strip()
             for key, value in score(pred, ref).items():
@@ -77,8 +86,12 @@ class Evaluator:
         if not self.enabled:
             logging.info("evaluation off: no held-out examples (--eval_examples=0)")
             return
-        self.rows = max(1, min(32, len(data.eval_encoded)))
-        targets = micro_batch_targets(data.eval_encoded, self.rows, data.seq_len, False)
+        # Batches of at most 32 rows, as even as they can be (100 examples: 4 x 25, not 4 x 32 with 28
+        # empty rows), each as long as the longest held-out example (rounded up to 8), not the training rows.
+        self.rows = even_width(len(data.eval_encoded), 32)
+        longest = max(len(e["input_ids"]) for e in data.eval_encoded)
+        self.seq_len = min(data.seq_len, -(-longest // 8) * 8)
+        targets = micro_batch_targets(data.eval_encoded, self.rows, self.seq_len, False)
         self.eval_step = make_eval_step(model, max_targets=targets)
         self.prompts = eval_prompts(tokenizer, data.eval_records)
 
@@ -87,7 +100,7 @@ class Evaluator:
             return {}
         data = self.data
         start = time.perf_counter()
-        result = eval_loss(self.eval_step, params, ordered_batches(data.eval_encoded, self.rows, data.seq_len,
+        result = eval_loss(self.eval_step, params, ordered_batches(data.eval_encoded, self.rows, self.seq_len,
                                                                    data.pad_id))
         mid = time.perf_counter()
         result.update({f"eval_{k}": v for k, v in generation_eval(

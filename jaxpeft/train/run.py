@@ -77,7 +77,8 @@ def _run_finetune(cfg: RunConfig, method: Method, method_config: Any, guard: Run
     folder.open()
     before = folder.resume(trainer, data.batcher)
     if before is None:
-        before = folder.start(scalars(evaluate(params)))
+        # The trainer's tree, placed on the mesh as every later evaluation's is: the evaluation compiles once.
+        before = folder.start(scalars(evaluate(trainer.params())))
 
     def on_log(record: dict) -> None:
         folder.log(record)
