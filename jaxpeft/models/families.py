@@ -173,10 +173,10 @@ _GEMMA_NORMS = (NormPart("input_layernorm", "attn_norm"), NormPart("post_attenti
                 NormPart("post_feedforward_layernorm", "post_ffw_norm"))
 
 
-def _gemma(model_type: str, norms: tuple[NormPart, ...]) -> Family:
+def _gemma(model_type: str, norms: tuple[NormPart, ...], gguf_architecture: str) -> Family:
     return Family(model_type=model_type, architecture=gemma.ARCHITECTURES[model_type], config_class=gemma.GemmaConfig,
                   module_class=gemma.GemmaForCausalLM, linears=_LLAMA_LINEARS, norms=norms,
-                  ia3_targets=("q_proj", "v_proj", "down_proj"))
+                  ia3_targets=("q_proj", "v_proj", "down_proj"), gguf_architecture=gguf_architecture)
 
 
 _PHI3_LINEARS = (
@@ -196,13 +196,14 @@ FAMILIES: dict[str, Family] = {
     "qwen2": dataclasses.replace(_llama_like("qwen2"), ia3_targets=("q_proj", "v_proj", "down_proj")),
     "qwen3": Family(model_type="qwen3", architecture=qwen3.ARCHITECTURE, config_class=qwen3.Qwen3Config,
                     module_class=LlamaForCausalLM, linears=_LLAMA_LINEARS, norms=_LLAMA_NORMS + _QK_NORMS,
-                    ia3_targets=("q_proj", "v_proj", "down_proj")),
-    "gemma2": _gemma("gemma2", _GEMMA_NORMS),
-    "gemma3_text": _gemma("gemma3_text", _GEMMA_NORMS + _QK_NORMS),
+                    ia3_targets=("q_proj", "v_proj", "down_proj"), gguf_architecture="qwen3"),
+    "gemma2": _gemma("gemma2", _GEMMA_NORMS, "gemma2"),
+    "gemma3_text": _gemma("gemma3_text", _GEMMA_NORMS + _QK_NORMS, "gemma3"),
     # PEFT has no Phi-3 defaults: LoRA on the fused attention input and output, IA3 on qkv and down.
     "phi3": Family(model_type="phi3", architecture=phi3.ARCHITECTURE, config_class=phi3.Phi3Config,
                    module_class=phi3.Phi3ForCausalLM, linears=_PHI3_LINEARS, norms=_LLAMA_NORMS,
-                   lora_targets=("qkv_proj", "o_proj"), ia3_targets=("qkv_proj", "down_proj")),
+                   lora_targets=("qkv_proj", "o_proj"), ia3_targets=("qkv_proj", "down_proj"),
+                   gguf_architecture="phi3"),
     # MoE: Llama's / Qwen3's attention; LoRA q/v by default (PEFT's mixtral entry); IA3 k/v only (PEFT's mixtral
     # entry adds the per-expert w2 Linear, which transformers 5.24 no longer has).
     "mixtral": Family(model_type="mixtral", architecture=mixtral.ARCHITECTURE, config_class=mixtral.MixtralConfig,
@@ -233,8 +234,8 @@ def gguf_family(architecture: str | None) -> Family:
             return family
     supported = sorted(f.gguf_architecture for f in FAMILIES.values() if f.gguf_architecture)
     raise UnsupportedModelError(
-        f"GGUF architecture {architecture!r} is not supported; only {supported} (Llama, SmolLM2, "
-        "Mistral-style dense models) can be read.")
+        f"GGUF architecture {architecture!r} is not supported; only {supported} can be read (llama: Llama, "
+        "SmolLM2, Mistral-style dense models).")
 
 
 # Multimodal model types whose text part loads as a family here: {model_type: text_part(hf) -> (text config.json
