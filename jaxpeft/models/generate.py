@@ -50,19 +50,26 @@ def select_token(logits_BxV: jax.Array, key: jax.Array, sampling: SamplingConfig
 
 
 def decode_loop(forward, cache, ids_BxP, mask_BxP, stop_ids, key, *, max_new_tokens: int,
-                sampling: SamplingConfig, recompute_at: int | None = None):
+                sampling: SamplingConfig, recompute_at: int | None = None, prefilled=None):
     """The traced decode loop: `forward(ids_BxS, mask_BxS, cache) -> (logits, cache)` runs the prompt once,
     then one token per step until every row has produced a stop token or `max_new_tokens` tokens.
     Returns the new tokens (B, max_new_tokens); rows stop being meaningful after their stop token.
 
     `recompute_at` (the config's `generation_recompute_length`): the step whose longest row first holds
     recompute_at + 1 tokens runs the whole sequence again on the empty cache it started from, as transformers'
-    Phi-3 generate does when LongRoPE switches factors (with prompts padded to the longest, as its batches are)."""
+    Phi-3 generate does when LongRoPE switches factors (with prompts padded to the longest, as its batches are).
+
+    `prefilled` = (the prompt's last logits (B, V), the cache after the prompt): the prompt already ran (`cache`
+    is then the empty cache it ran on)."""
     b, p = ids_BxP.shape
     empty = cache
-    logits, cache = forward(ids_BxP, mask_BxP, cache)
+    if prefilled is None:
+        logits, cache = forward(ids_BxP, mask_BxP, cache)
+        last_BxV = logits[:, -1]
+    else:
+        last_BxV, cache = prefilled
     key, sub = jax.random.split(key)
-    first = select_token(logits[:, -1], sub, sampling)
+    first = select_token(last_BxV, sub, sampling)
     out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stop_ids)
 
@@ -114,6 +121,79 @@ def _decode_fn(model: Any, max_new_tokens: int, sampling: SamplingConfig, cache_
                            sampling=sampling, recompute_at=model.config.generation_recompute_length())
 
     return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=32)
+def _score_and_decode_fn(model: Any, max_new_tokens: int, cache_dtype: Any):
+    def run(params, ids_BxP, mask_BxP, answer_BxA, answer_mask_BxA, target_BxA, stop_ids, key):
+        b, p = ids_BxP.shape
+        empty = model.apply({"params": params}, b, p + max(max_new_tokens, answer_BxA.shape[1]), cache_dtype,
+                            method="new_cache")
+
+        def forward(ids, mask, cache):
+            return model.apply({"params": params}, ids, attention_mask_BxS=mask, cache=cache)
+
+        def head(hidden):
+            return model.apply({"params": params}, hidden, method="head")
+
+        # The prompt once: its cache serves both the teacher-forced answer and the decoding.
+        hidden_BxPxD, cache = model.apply({"params": params}, ids_BxP, attention_mask_BxS=mask_BxP, cache=empty,
+                                          return_hidden=True)
+        last_BxV = head(hidden_BxPxD[:, -1:])[:, 0]
+        answer_hidden, _ = model.apply({"params": params}, answer_BxA, attention_mask_BxS=answer_mask_BxA,
+                                       cache=cache, return_hidden=True)
+        # Answer token t is predicted from the position before it: the prompt's last one, then the answer's.
+        pred_BxAxV = jnp.concatenate([last_BxV[:, None], head(answer_hidden[:, :-1])], axis=1)
+        logp_BxAxV = jax.nn.log_softmax(pred_BxAxV.astype(jnp.float32), axis=-1)
+        nll_BxA = -jnp.take_along_axis(logp_BxAxV, answer_BxA[..., None], axis=-1)[..., 0]
+        weight_BxA = target_BxA.astype(jnp.float32)
+        tokens = decode_loop(forward, empty, ids_BxP, mask_BxP, stop_ids, key, max_new_tokens=max_new_tokens,
+                             sampling=SamplingConfig(greedy=True), prefilled=(last_BxV, cache))
+        return tokens, jnp.sum(nll_BxA * weight_BxA), jnp.sum(weight_BxA)
+
+    return jax.jit(run)
+
+
+def score_and_generate(
+    model: Any,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    min_prompt_len: int = 0,
+    min_answer_len: int = 0,
+    pad_multiple: int = 16,
+) -> tuple[list[list[int]], float, int]:
+    """Greedy continuations of `prompts` (as `generate`) and, from the same prompt pass, the summed NLL of the
+    reference `answers` (answer token i counted where `targets[i]` is 1) and the number of counted tokens:
+    the held-out loss of prompt + answer rows without running the prompts twice. Models whose generation
+    recomputes the sequence (LongRoPE) are refused: use the full-sequence loss there."""
+    if model.config.generation_recompute_length() is not None:
+        raise ValueError("score_and_generate: this model recomputes the sequence while generating (LongRoPE); "
+                         "score the full sequences instead")
+    if len(answers) != len(prompts) or len(targets) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers and {len(targets)} target masks")
+    ids, mask = left_pad(prompts, pad_id, multiple=pad_multiple, min_len=min_prompt_len)
+    width = -(-max(max(len(a) for a in answers), min_answer_len, 1) // pad_multiple) * pad_multiple
+    answer = np.full((len(answers), width), pad_id, np.int32)
+    answer_mask = np.zeros_like(answer)
+    target = np.zeros_like(answer)
+    for i, (a, t) in enumerate(zip(answers, targets)):
+        answer[i, :len(a)], answer_mask[i, :len(a)], target[i, :len(t)] = a, 1, t
+    fn = _score_and_decode_fn(model, max_new_tokens, model.dtype)
+    stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+    out, nll, count = fn(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(answer), jnp.asarray(answer_mask),
+                         jnp.asarray(target), stops, jax.random.key(0))
+    stop_set = set(stop_ids)
+    results = []
+    for row in np.asarray(out).tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
+        results.append(row[:cut])
+    return results, float(nll), int(count)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16,
