@@ -88,7 +88,7 @@ def test_nf4_codes_are_split_along_blocks_or_replicated(cases):
 
 def test_checkpoint_saved_on_one_mesh_restores_onto_another(cases):
     third = cases["curves"]["lora/one_device"]["loss"][2]
-    for target in ("fsdp:4,tensor:2", "pmap"):  # saved on data:8 after two steps
+    for target in ("mixed", "pmap"):  # saved on one device after two steps, restored on data:2,fsdp:2,tensor:2 and pmap
         restored = cases[f"restored/{target}"]
         assert restored["step"] == 2
         assert restored["loss3"] == pytest.approx(third, abs=1e-5)
