@@ -65,7 +65,7 @@ def parse_targets(text: str):
 # high open); None is unbounded. `check_flag_ranges` refuses a value outside it before anything loads, and
 # `document_flag_ranges` appends the range to the flag's help.
 FLAG_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    "steps": (1, None, False, False), "batch_size": (1, None, False, False), "grad_accum": (1, None, False, False),
+    "steps": (1, None, False, False), "epochs": (1, None, False, False), "batch_size": (1, None, False, False), "grad_accum": (1, None, False, False),
     "seq_len": (2, None, False, False), "lr": (0, None, True, False), "warmup_steps": (0, None, False, False),
     "weight_decay": (0, None, False, False), "max_grad_norm": (0, None, False, False),
     "seed": (0, None, False, False), "eval_every": (0, None, False, False), "eval_examples": (0, None, False, False),
@@ -116,13 +116,19 @@ def define_run_flags(fv: flags.FlagValues, default_steps: int = 200, default_lr:
     flags.DEFINE_string("eval_split", None, "Held-out fraction of --dataset (e.g. 0.05) or a split name.",
                         flag_values=fv)
     flags.DEFINE_string("eval_dataset", None, "A separate held-out dataset file.", flag_values=fv)
-    flags.DEFINE_integer("steps", default_steps, "Optimizer steps.", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 8, "Sequences per optimizer step (split over --grad_accum micro-steps).",
+    flags.DEFINE_integer("steps", default_steps, "Optimizer steps (given explicitly, it wins over --epochs).",
                          flag_values=fv)
+    flags.DEFINE_integer("epochs", None, "Passes over the training data (HF's num_train_epochs): the run takes "
+                         "the batches of that many epochs, counted after packing; each epoch ends with its own, "
+                         "maybe smaller, batch. --resume may raise it.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 8, "Rows per optimizer step (split over --grad_accum micro-steps); with "
+                         "--pack a row holds several examples.", flag_values=fv)
     flags.DEFINE_integer("grad_accum", 1, "Gradient accumulation micro-steps per optimizer step.", flag_values=fv)
-    flags.DEFINE_integer("seq_len", 128, "Maximum tokens per sequence (batches use the longest example if shorter).",
-                         flag_values=fv)
-    flags.DEFINE_bool("pack", False, "Pack several examples per row.", flag_values=fv)
+    flags.DEFINE_integer("seq_len", 128, "Maximum tokens per row. Each batch is padded to its longest row rounded "
+                         "up to a length bucket (16, 24, 32, 48, 64, 96, 128, 192, ... up to --seq_len), one "
+                         "compiled step per bucket.", flag_values=fv)
+    flags.DEFINE_bool("pack", True, "Pack several whole examples into each row of --seq_len tokens (each attends "
+                      "only to itself, positions restart); --nopack: one example a row.", flag_values=fv)
     flags.DEFINE_float("lr", default_lr, "Peak learning rate (AdamW, linear warm-up, cosine decay).", flag_values=fv)
     flags.DEFINE_integer("warmup_steps", 10, "Warm-up steps.", flag_values=fv)
     flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay (matrices only).", flag_values=fv)
@@ -255,6 +261,10 @@ def run_config_from_flags(fv: flags.FlagValues, method_name: str):
     from jaxpeft.train.run import RunConfig
 
     f = fv
+    epochs = getattr(f, "epochs", None)
+    if epochs is not None and f["steps"].present:
+        logging.warning("--steps=%d was given, so it wins over --epochs=%d", f.steps, epochs)
+        epochs = None
     out = f.out or f"runs/{method_name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     eval_split: float | str | None = f.eval_split
     if eval_split is not None:
@@ -266,7 +276,7 @@ def run_config_from_flags(fv: flags.FlagValues, method_name: str):
                      dataset_split=f.dataset_split, dataset_config=f.dataset_config,
                      dataset_text_field=f.dataset_text_field, field_map=f.field_map, train_on=f.train_on,
                      chat_template=f.chat_template, truncation=f.truncation,
-                     steps=f.steps, batch_size=f.batch_size, grad_accum=f.grad_accum, seq_len=f.seq_len, pack=f.pack,
+                     steps=f.steps, epochs=epochs, batch_size=f.batch_size, grad_accum=f.grad_accum, seq_len=f.seq_len, pack=f.pack,
                      lr=f.lr, warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,
                      max_grad_norm=f.max_grad_norm, dtype=f.dtype, param_dtype=f.param_dtype, remat=f.remat,
                      loss_chunk=f.loss_chunk,

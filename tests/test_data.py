@@ -11,6 +11,7 @@ import pytest
 
 from jaxpeft.core.errors import ConfigError, DataError
 from jaxpeft import data
+from jaxpeft.data.batching import STREAM_VERSION
 from tests import hf_tiny
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -246,7 +247,7 @@ def test_batcher_epochs_are_seeded_permutations():
     firsts = [int(v) for _ in range(6) for v in next(b)["input_ids"][:, 0]]
     epoch0, epoch1 = sorted(firsts[:6]), firsts[6:]
     assert epoch0 == [100, 200, 300, 400, 500, 600] and sorted(epoch1) == epoch0
-    assert firsts[:6] != epoch1 and b.state() == {"epoch": 2, "position": 0}
+    assert firsts[:6] != epoch1 and b.state() == {"epoch": 2, "position": 0, "stream": STREAM_VERSION}
     batch = next(b)
     np.testing.assert_array_equal(batch["attention_mask"], [[1, 1, 0], [1, 1, 0]])
     np.testing.assert_array_equal(batch["input_ids"][:, 2], [-1, -1])
@@ -267,10 +268,12 @@ def test_batcher_packing():
             assert ids[idx[0]] % 100 == 0 and batch["loss_mask"][row, idx[0]] == 0
         np.testing.assert_array_equal(batch["attention_mask"][row], seg > 0)
         assert (pos[seg == 0] == 0).all() and (ids[seg == 0] == 0).all()
-    # The rows hold whole examples, in permutation order.
-    starts = [int(v) // 100 - 1 for v in batch["input_ids"].ravel() if v % 100 == 0 and v]
-    assert starts == order[: len(starts)].tolist()
-    assert sum(len(examples[i]["input_ids"]) for i in starts) == batch["attention_mask"].sum()
+    # The rows hold whole examples: the permutation's first ones, each row's in permutation order.
+    rows = [[int(v) // 100 - 1 for v in ids if v % 100 == 0 and v] for ids in batch["input_ids"]]
+    starts = sorted(rows, key=lambda r: order.tolist().index(r[0]))
+    assert sorted(i for r in rows for i in r) == sorted(order[: sum(map(len, rows))].tolist())
+    assert all(r == sorted(r, key=order.tolist().index) for r in rows) and all(starts)
+    assert sum(len(examples[i]["input_ids"]) for r in rows for i in r) == batch["attention_mask"].sum()
 
 
 def test_batcher_rejects_bad_input():
@@ -278,9 +281,11 @@ def test_batcher_rejects_bad_input():
         data.Batcher([], batch_size=2, seq_len=8, pad_id=0)
     with pytest.raises(ConfigError, match="seq_len=4"):
         data.Batcher(_examples([5]), batch_size=2, seq_len=4, pad_id=0)
+    batcher = data.Batcher(_examples([3]), batch_size=1, seq_len=4, pad_id=0)
     with pytest.raises(ConfigError, match="does not fit"):
-        batcher = data.Batcher(_examples([3]), batch_size=1, seq_len=4, pad_id=0)
-        batcher.restore({"epoch": 0, "position": 3})
+        batcher.restore({"epoch": 0, "position": 3, "stream": STREAM_VERSION})
+    with pytest.raises(ConfigError, match="earlier jaxpeft.*straddle.*new --out"):  # a state of the old stream
+        batcher.restore({"epoch": 0, "position": 0})
 
 
 def test_import_does_not_pull_in_datasets_or_torch():

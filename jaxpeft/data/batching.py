@@ -1,5 +1,6 @@
-"""Batching of encoded examples into fixed-shape numpy arrays: the resumable training stream
-(`Batcher`) and one ordered pass for evaluation (`ordered_batches`). Both fill a batch the same way.
+"""Batching of encoded examples into numpy arrays: the resumable training stream (`Batcher`, each batch
+padded to a length bucket) and one ordered pass for evaluation (`ordered_batches`, one fixed shape). Both
+fill a row the same way.
 
 Loss-mask convention: see jaxpeft/data/encode.py (loss_mask[b, t] == 1: token t is a target).
 """
@@ -13,19 +14,45 @@ import numpy as np
 from jaxpeft.core.errors import ConfigError, DataError
 
 
+# The stream's layout version, kept in `Batcher.state()`: 2 = epochs end cleanly and packed rows are filled
+# first-fit. A state without it comes from the earlier stream (batches straddled epochs, rows were filled one
+# after the other), whose batches this one cannot continue exactly.
+STREAM_VERSION = 2
+
+
+def length_buckets(seq_len: int, *, floor: int = 16) -> tuple[int, ...]:
+    """The row lengths a batch is padded to: 16, 24, 32, 48, 64, 96, 128, 192, ... (2^k and 1.5 x 2^k)
+    below `seq_len`, then `seq_len`. A batch pays at most 1.5x its longest row, and a stream of rows up to
+    `seq_len` has about 2 log2(seq_len / 16) + 1 shapes (512: 11), each compiled once."""
+    out, k = [], floor
+    while k < seq_len:
+        out.append(k)
+        if k * 3 // 2 < seq_len:
+            out.append(k * 3 // 2)
+        k *= 2
+    return tuple(out) + (seq_len,)
+
+
 class Batcher:
-    """Deterministic, resumable iterator of fixed-shape numpy batches of encoded examples.
+    """Deterministic, resumable iterator of numpy batches of encoded examples, `batch_size` rows each.
 
-    Examples are read as an endless stream: epoch e visits all examples in the order of a
-    permutation seeded with `seed + e`, and a batch may straddle two epochs. The state is
-    `{"epoch": e, "position": p}` (the next example is permutation_e[p]); a Batcher restored
-    to a state yields exactly the batches that followed it.
+    Epoch e visits all examples in the order of a permutation seeded with `seed + e`. A batch takes the
+    stream's next examples in that order, each into the first of its rows where it fits whole (without
+    `pack`: the first empty row, one example a row); it ends when the next example fits in no row, or when
+    the epoch ends, so the epoch's last batch may hold fewer examples (its other rows are empty padding:
+    no targets). Batches never straddle two epochs, so an epoch is `epoch_widths()`'s batches (without
+    `pack`: ceil(examples / batch_size)) and N epochs see every example exactly N times.
 
-    Each batch is a dict of numpy arrays:
+    The state is `{"epoch": e, "position": p, "stream": STREAM_VERSION}` (the next example is
+    permutation_e[p]); a Batcher restored to a state yields exactly the batches that followed it.
+
+    Each batch is a dict of numpy arrays, `(batch_size, width)`: width is the batch's longest row rounded
+    up to the first of `buckets` that holds it (None: every batch is `seq_len` wide); the batch that ends
+    an epoch is as wide as that epoch's widest, so its few rows compile no new shape:
       input_ids_BxS int32 (right-padded with pad_id), loss_mask_BxS int32 (module docstring:
       1 where input_ids[b, t] is a target predicted from t - 1), attention_mask_BxS int32
-      (1 = real token). With `pack=True` each row holds several whole examples, and the batch
-      also has segment_ids_BxS int32 (1, 2, 3... per example in the row, 0 = padding) and
+      (1 = real token). With `pack=True` each row holds several whole examples (at most `seq_len` tokens),
+      and the batch also has segment_ids_BxS int32 (1, 2, 3... per example in the row, 0 = padding) and
       positions_BxS int32 (restarting at 0 in each example, 0 on padding); mask attention where
       segment ids differ. A packed example's first token is never a target (loss_mask 0), so no loss
       crosses an example boundary.
@@ -40,6 +67,7 @@ class Batcher:
         pad_id: int,
         seed: int = 0,
         pack: bool = False,
+        buckets: Sequence[int] | None = None,
     ) -> None:
         if not examples:
             raise DataError("Batcher got no examples; the dataset is empty after encoding.")
@@ -51,12 +79,18 @@ class Batcher:
                 f"{len(too_long)} examples are longer than seq_len={seq_len} (first: "
                 f"{too_long[:5]}). Encode them with the same seq_len as the Batcher."
             )
+        buckets = tuple(int(b) for b in (buckets or (seq_len,)))
+        if list(buckets) != sorted(set(buckets)) or buckets[0] < 1 or buckets[-1] != seq_len:
+            raise ConfigError(f"buckets {buckets}: expected increasing lengths ending at seq_len={seq_len}, "
+                              f"e.g. length_buckets({seq_len}) = {length_buckets(seq_len)}.")
         self._ids = [np.asarray(e["input_ids"], np.int32) for e in examples]
         self._mask = [np.asarray(e["loss_mask"], np.int32) for e in examples]
+        self._lengths = [len(x) for x in self._ids]
         self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
-        self.seed, self.pack = seed, pack
+        self.seed, self.pack, self.buckets = seed, pack, buckets
         self._epoch, self._position = 0, 0
         self._perm_epoch, self._perm = -1, np.zeros(0, np.int64)
+        self._widest_of: dict[int, int] = {}
 
     @property
     def num_examples(self) -> int:
@@ -65,10 +99,17 @@ class Batcher:
 
     def state(self) -> dict[str, int]:
         """The position in the stream, as a small JSON-able dict."""
-        return {"epoch": self._epoch, "position": self._position}
+        return {"epoch": self._epoch, "position": self._position, "stream": STREAM_VERSION}
 
     def restore(self, state: Mapping[str, int]) -> None:
         """Moves to `state` (from `state()`): the next batches are the ones that followed it."""
+        if state.get("stream") != STREAM_VERSION:
+            raise ConfigError(
+                f"Batcher state {dict(state)} was saved by an earlier jaxpeft, whose data stream let a batch "
+                "straddle two epochs and packed rows one after the other; this one ends each epoch cleanly and "
+                "packs rows first-fit, so it cannot continue that run's batches exactly. Start a new --out "
+                "(or finish the run with the jaxpeft that started it)."
+            )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < self.num_examples:
             raise ConfigError(
@@ -86,40 +127,88 @@ class Batcher:
         batcher.restore(state)
         return batcher
 
+    def epoch_widths(self, epochs: int = 1) -> list[int]:
+        """The width of every batch of the first `epochs` epochs, in order, without building them (so
+        `len(...)` is the steps of that many epochs); the stream's own position is left as it was."""
+        saved = self._epoch, self._position
+        self._epoch, self._position = 0, 0
+        widths = []
+        try:
+            while self._epoch < epochs:
+                widths.append(self._next_rows()[1])
+        finally:
+            self._epoch, self._position = saved
+        return widths
+
+    def _next_rows(self) -> tuple[list[list[int]], int]:
+        """The next batch's rows (example indices) and width. The batch that ends an epoch is as wide as
+        the epoch's widest, so a last batch of a few short rows reuses a compiled shape."""
+        epoch = self._epoch
+        rows = self._plan()
+        width = self._width(rows)
+        if self._epoch != epoch:
+            width = max(width, self._widest(epoch))
+        return rows, width
+
+    def _widest(self, epoch: int) -> int:
+        """The widest bucket epoch `epoch`'s batches need (a dry pass over it, remembered)."""
+        if epoch not in self._widest_of:
+            saved = self._epoch, self._position
+            self._epoch, self._position = epoch, 0
+            try:
+                widest = 0
+                while self._epoch == epoch:
+                    widest = max(widest, self._width(self._plan()))
+            finally:
+                self._epoch, self._position = saved
+            self._widest_of = {epoch: widest}  # one epoch at a time is all a stream asks for
+        return self._widest_of[epoch]
+
+    def _width(self, rows: list[list[int]]) -> int:
+        longest = max(sum(self._lengths[i] for i in row) for row in rows)
+        return next(b for b in self.buckets if b >= longest)
+
     def _peek(self) -> int:
         if self._perm_epoch != self._epoch:
             rng = np.random.default_rng(self.seed + self._epoch)
             self._perm, self._perm_epoch = rng.permutation(self.num_examples), self._epoch
         return int(self._perm[self._position])
 
-    def _take(self) -> int:
-        index = self._peek()
-        self._position += 1
-        if self._position == self.num_examples:
-            self._epoch, self._position = self._epoch + 1, 0
-        return index
+    def _plan(self) -> list[list[int]]:
+        """The next batch's rows (example indices), taken from the stream (module docstring: first fit)."""
+        rows: list[list[int]] = [[] for _ in range(self.batch_size)]
+        used = [0] * self.batch_size
+        while True:
+            i = self._peek()
+            n = self._lengths[i]
+            row = next((r for r in range(self.batch_size)
+                        if (used[r] + n <= self.seq_len if self.pack else not rows[r])), None)
+            if row is None:
+                return rows
+            rows[row].append(i)
+            used[row] += n
+            self._position += 1
+            if self._position == self.num_examples:  # the epoch ends with this batch
+                self._epoch, self._position = self._epoch + 1, 0
+                return rows
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = empty_batch(self.batch_size, self.seq_len, self.pad_id, packed=self.pack)
-        for row in range(self.batch_size):
-            start, segment = 0, 1
-            while True:
-                i = self._take()
-                n = _put(batch, row, start, self._ids[i], self._mask[i])
-                if not self.pack:
-                    break
-                batch["segment_ids"][row, start : start + n] = segment
-                batch["positions"][row, start : start + n] = np.arange(n)
-                # An example's first token is predicted from the previous example's last one: never a target
-                # (a `text` record marks its position 0; nothing inside the example predicts it).
-                batch["loss_mask"][row, start] = 0
-                start, segment = start + n, segment + 1
-                # Whole examples only: the row ends when the next one does not fit.
-                if start + len(self._ids[self._peek()]) > self.seq_len:
-                    break
+        rows, width = self._next_rows()
+        batch = empty_batch(self.batch_size, width, self.pad_id, packed=self.pack)
+        for r, row in enumerate(rows):
+            start = 0
+            for segment, i in enumerate(row, start=1):
+                n = _put(batch, r, start, self._ids[i], self._mask[i])
+                if self.pack:
+                    batch["segment_ids"][r, start : start + n] = segment
+                    batch["positions"][r, start : start + n] = np.arange(n)
+                    # An example's first token is predicted from the previous example's last one: never a
+                    # target (a `text` record marks its position 0; nothing inside the example predicts it).
+                    batch["loss_mask"][r, start] = 0
+                start += n
         return batch
 
 

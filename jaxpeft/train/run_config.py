@@ -22,10 +22,11 @@ class RunConfig:
     chat_template: str | None = None  # a Jinja file replacing the tokenizer's chat template
     truncation: str = "prompt_left"  # prompt_left | right | drop (jaxpeft.data.encode)
     steps: int = 200
+    epochs: int | None = None  # set: the run takes the batches of that many epochs (run_data.RunData.steps), not `steps`
     batch_size: int = 8
     grad_accum: int = 1
     seq_len: int = 128
-    pack: bool = False
+    pack: bool = True  # several whole examples a row (batching.Batcher); False: one a row
     lr: float = 2e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0

@@ -3,6 +3,12 @@
 The builtin task carries its own held-out split and scorer; a file gets a held-out fraction (5 %) unless
 the run names an eval split or dataset. The held-out loss and the generation metrics use the same first
 `eval_examples` records; `eval_examples=0` turns the evaluation off (the training data stays the same).
+
+Shapes: a training batch is `batch_size` rows padded to its longest row rounded up to a length bucket
+(`batching.length_buckets` of `RunData.seq_len`), so the step compiles once per bucket the stream reaches.
+`RunData.seq_len`, the widest bucket, is the longest example rounded up to 16 (at most --seq_len), or with
+packing --seq_len itself, unless no two examples fit in one row of --seq_len (then packing changes nothing
+and the unpacked bound holds). Evaluation batches are that wide (`ordered_batches`).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from absl import logging
 
 from jaxpeft.core.errors import ConfigError
 from jaxpeft.data import tasks
-from jaxpeft.data.batching import Batcher
+from jaxpeft.data.batching import Batcher, length_buckets
 from jaxpeft.data.encode import encode_records, pad_id_of
 from jaxpeft.data.formats import parse_field_map
 from jaxpeft.data.records import Record, load_records
@@ -32,6 +38,7 @@ class RunData:
     seq_len: int
     pad_id: int
     batcher: Batcher  # the resumable training stream
+    steps: int  # optimizer steps of the run: cfg.steps, or with cfg.epochs the batches of that many epochs
     score: Callable[[str, str], Mapping[str, float]]  # generation scorer: (prediction, reference) -> metrics
     max_new_tokens: int  # generation budget of an evaluation
 
@@ -52,15 +59,42 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> RunData:
     encoded, stats = encode_records(tokenizer, train_records, **encode)
     eval_records = eval_records[: cfg.eval_examples]
     eval_encoded = encode_records(tokenizer, eval_records, **encode)[0] if cfg.eval_examples and eval_records else []
-    # Static shapes: pad to the longest example (rounded to 16) when that is shorter than seq_len.
-    seq_len = cfg.seq_len if cfg.pack else min(cfg.seq_len, -(-stats.max_len // 16) * 16)
+    seq_len = row_length(cfg.seq_len, [len(e["input_ids"]) for e in encoded], cfg.pack,
+                         longest=max((len(e["input_ids"]) for e in eval_encoded), default=0))
     pad_id = pad_id_of(tokenizer)
     batcher = Batcher(encoded, batch_size=cfg.batch_size, seq_len=seq_len, pad_id=pad_id, seed=cfg.seed,
-                      pack=cfg.pack)
+                      pack=cfg.pack, buckets=length_buckets(seq_len))
+    steps = run_steps(cfg, batcher)
     logging.info("data: %d train / %d eval records, %d longer than --seq_len=%d (%s: %d cut, %d dropped), longest "
-                 "%d tokens, %d target tokens, batches %d x %d", len(encoded), len(eval_encoded), stats.num_truncated,
+                 "%d tokens, %d target tokens, at most %d x %d", len(encoded), len(eval_encoded), stats.num_truncated,
                  cfg.seq_len, cfg.truncation, stats.num_truncated - stats.num_dropped, stats.num_dropped,
                  stats.max_len, stats.num_target_tokens, cfg.batch_size, seq_len)
     return RunData(encoded=encoded, eval_records=eval_records, eval_encoded=eval_encoded, seq_len=seq_len,
-                   pad_id=pad_id, batcher=batcher, score=task.score if task else tasks.default_score,
+                   pad_id=pad_id, batcher=batcher, steps=steps, score=task.score if task else tasks.default_score,
                    max_new_tokens=task.max_new_tokens if task else 128)
+
+
+def row_length(seq_len: int, lengths: list[int], pack: bool, *, longest: int = 0) -> int:
+    """The widest batch of a run (module docstring): --seq_len when packing can put two of the training
+    examples (`lengths`) in a row, else the longest example (held-out ones too: `longest`) rounded up to 16,
+    at most --seq_len."""
+    shortest = sorted(lengths)[:2]
+    if pack and len(shortest) == 2 and sum(shortest) <= seq_len:
+        return seq_len
+    return min(seq_len, -(-max(max(lengths, default=1), longest) // 16) * 16)
+
+
+def run_steps(cfg: RunConfig, batcher: Batcher) -> int:
+    """The run's optimizer steps: `cfg.steps`, or with `cfg.epochs` the batches of that many epochs (counted
+    by a dry pass over the stream, after packing; each epoch ends with its own, maybe smaller, batch). Logs
+    the batch widths of the first epoch (each a compiled shape)."""
+    if cfg.epochs is not None and cfg.epochs < 1:
+        raise ConfigError(f"--epochs={cfg.epochs}: expected 1 or more passes over the training data.")
+    widths = batcher.epoch_widths(cfg.epochs or 1)
+    first = batcher.epoch_widths(1) if cfg.epochs and cfg.epochs > 1 else widths
+    steps = len(widths) if cfg.epochs else cfg.steps
+    shapes = ", ".join(f"{w}: {first.count(w)}" for w in sorted(set(first)))
+    logging.info("data: an epoch is %d batches of %d rows (%s), widths {%s}; the run takes %d steps%s", len(first),
+                 batcher.batch_size, "packed" if batcher.pack else "one example a row", shapes, steps,
+                 f" ({cfg.epochs} epochs)" if cfg.epochs else "")
+    return steps
