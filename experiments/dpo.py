@@ -31,6 +31,7 @@ from experiments.common import (
 def define_flags(fv: flags.FlagValues) -> None:
     define_run_flags(fv, default_steps=60, default_lr=5e-4)
     fv.set_default("dataset", "builtin:dates-pref")
+    fv.set_default("pack", False)  # pairs are never packed
     define_lora_flags(fv)
     flags.DEFINE_enum("method", "lora", ["lora", "qlora"], "lora, or qlora (a 4-bit base).", flag_values=fv)
     flags.DEFINE_enum("loss", "dpo", ["dpo", "ipo", "orpo"], "dpo (TRL's sigmoid), ipo, orpo.", flag_values=fv)

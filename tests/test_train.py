@@ -18,7 +18,9 @@ from jaxpeft.methods import get_method
 from jaxpeft.methods.lora import LoraConfig
 from jaxpeft.train import optim
 from jaxpeft.train.loop import NonFiniteLossError, TrainConfig, Trainer
+from jaxpeft.convert.hf import load_tokenizer_from
 from jaxpeft.train.run import RunConfig, run_finetune
+from jaxpeft.train.run_data import prepare_data
 from jaxpeft.train.metrics import read_metrics
 from tests.hf_tiny import VOCAB, tiny_hf_config, tiny_hf_model, tiny_model_folder
 
@@ -187,3 +189,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, tm
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
     logged = [r for r in read_metrics(tmp_path / "nan" / "metrics.jsonl") if "loss" in r]
     assert all(np.isfinite(r["loss"]) for r in logged)
+
+
+def test_epochs_set_the_steps_and_the_schedule(tiny_model, tmp_path):
+    """--epochs: the run takes the batches of that many epochs (counted after packing), and the cosine schedule
+    ends with them; an explicit --steps would win (RunConfig.epochs None)."""
+    data = tmp_path / "dates.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Write {d} March {1950 + d} as ISO.",
+                                        "output": f"{1950 + d}-03-{d:02d}"}) + "\n" for d in range(1, 29)))
+    cfg = RunConfig(out=str(tmp_path / "ep"), model=tiny_model, dataset=str(data), epochs=2, batch_size=4, seq_len=64,
+                    lr=5e-3, warmup_steps=1, eval_examples=0, save_every=0, progress=False)
+    run_finetune(cfg, LORA, kw_lora())
+    records = [r for r in read_metrics(tmp_path / "ep" / "metrics.jsonl") if "loss" in r]
+    per_epoch = len(prepare_data(cfg, load_tokenizer_from(tiny_model)).batcher.epoch_widths(1))
+    assert per_epoch >= 2 and [r["step"] for r in records] == list(range(1, 2 * per_epoch + 1))
+    assert records[-1]["lr"] < 0.1 * 5e-3  # the cosine ends with the epochs' steps (over 200 it would barely move)

@@ -70,6 +70,10 @@ def run_preference(cfg: RunConfig, pref: PreferenceConfig, method: Method, metho
 
 
 def _run(cfg, pref, method, method_config, guard, base_loader) -> dict[str, Any]:
+    if cfg.epochs is not None:
+        raise ConfigError(f"--epochs={cfg.epochs}: preference runs count optimizer steps only; give --steps.")
+    if cfg.pack:
+        logging.info("preference pairs are never packed (one chosen and one rejected row each): pack has no effect")
     settings = {**run_settings(cfg, method, method_config, base_loader), "preference": dataclasses.asdict(pref)}
     folder = RunFolder(cfg, settings)
     parallel = resolve_parallel(cfg.mesh, cfg.parallel)

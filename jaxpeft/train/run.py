@@ -65,6 +65,7 @@ def _run_finetune(cfg: RunConfig, method: Method, method_config: Any, guard: Run
     mesh = run_mesh(parallel)
     model, params, tokenizer, base_info = load_base(cfg, base_loader, mesh)
     data = prepare_data(cfg, tokenizer)
+    guard.total_steps = data.steps  # --epochs: the steps counted from the data
     method_config = method.prepare(method_config, model_config=model.config, tokenizer=tokenizer)
     params = method.init(jax.random.PRNGKey(cfg.seed), params, method_config)
     counts = method.param_counts(params, method_config)
@@ -160,9 +161,9 @@ def _trainer(cfg: RunConfig, model: Any, params: dict, method: Method, method_co
              parallel: Any, mesh: Any) -> Trainer:
     """The Trainer of the run: its optimizer, step budget, target bound and devices."""
     rows = cfg.batch_size // cfg.grad_accum
-    optim_cfg = optim.OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+    optim_cfg = optim.OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=data.steps,
                                   weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
-    train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
+    train_cfg = TrainConfig(steps=data.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
                             eval_every=cfg.eval_every, save_every=cfg.save_every, loss_chunk=cfg.loss_chunk)
     return Trainer(model, params, method.labels(params, method_config), optim_cfg=optim_cfg, train_cfg=train_cfg,
                    max_targets=micro_batch_targets(data.encoded, rows, data.seq_len, cfg.pack),
