@@ -12,6 +12,7 @@ the torch side uses the same formula through LambdaLR).
     python -m bench.train_step --breakdown            # + forward-only and forward+backward timings per side
     python -m bench.train_step --data random          # random ids, loss on the second half of every row
     python -m bench.train_step --data file:../shared/data/code_alpaca_2k.json   # real SFT rows (below)
+    python -m bench.train_step --qlora                # QLoRA: NF4 + double quant base on both sides
 
 The parent builds one batch (default: real `builtin:dates` records, encoded and padded to 4 x 128 by
 `jaxpeft.data`; 11 target tokens per row) and one set of LoRA A matrices (seeded numpy, PEFT's
@@ -34,6 +35,13 @@ sides. jaxpeft runs today's static shape (every batch padded to that row length)
 bound K (`micro_batch_targets`); PEFT gets what a PEFT user's collator gives, dynamic padding: each batch cut to
 its longest real row (the Batcher pads on the right, so the cut drops only padding; targets are the same).
 Both sides then also report REAL (non-pad) tokens/s: the real tokens of the timed steps over their time.
+
+With `--qlora` the base's linears are 4-bit on both sides (NF4, double quant, blocksize 64, every linear but the
+head; compute fp32): jaxpeft quantizes on load (`from_pretrained(quantize=Bnb4bitConfig())`, what
+experiments.qlora does), PEFT runs over transformers' bitsandbytes 4-bit (`BitsAndBytesConfig(load_in_4bit...)`,
+device_map cpu, bitsandbytes' default CPU kernels) with no `prepare_model_for_kbit_training` (it would turn on
+gradient checkpointing, which the jaxpeft side does not do). The two quantizers agree to rounding, so the step-0
+check there uses --qlora_tol (1e-3; measured: 1.5e-5 on code_alpaca rows).
 
 Throughput is batch*seq / median step time (padding included: both sides run every position of the batch
 they get; with --data=file the PEFT batches are shorter, so compare the real tokens/s there). Peak memory
@@ -107,6 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "so the first train step then no longer includes the compile (the AOT times are printed)")
     p.add_argument("--rounds", type=int, default=1, help="run every side this many times, interleaved")
     p.add_argument("--tol", type=float, default=1e-4, help="absolute tolerance of the step-0 loss check")
+    p.add_argument("--qlora", action="store_true", help="4-bit NF4 base on both sides (see above)")
+    p.add_argument("--qlora_tol", type=float, default=1e-3,
+                   help="absolute tolerance of the step-0 loss check with --qlora (the 4-bit kernels differ)")
     p.add_argument("--model", default=None, help="HF folder (default: the cached SmolLM2-135M folder)")
     p.add_argument("--json", default=None, help="also write all child results to this file")
     # internal: what a child runs
@@ -317,6 +328,7 @@ def run_jax(args: argparse.Namespace, inputs: dict[str, np.ndarray]) -> dict:
     import jax.numpy as jnp
 
     import jaxpeft
+    from jaxpeft.convert.bnb import Bnb4bitConfig
     from jaxpeft.core.tree import flatten_params, unflatten_params
     from jaxpeft.methods import get_method
     from jaxpeft.methods.lora import LoraConfig
@@ -326,7 +338,8 @@ def run_jax(args: argparse.Namespace, inputs: dict[str, np.ndarray]) -> dict:
     mem0 = _proc_status_mb()
     batches = _batch_list(inputs)
     batch = batches[0]
-    model, params, _ = jaxpeft.from_pretrained(args.model, load_tokenizer=False)
+    quantize = Bnb4bitConfig() if args.qlora else None  # nf4, double quant, blocksize 64, all-linear
+    model, params, _ = jaxpeft.from_pretrained(args.model, load_tokenizer=False, quantize=quantize)
     targets = tuple(args.target_modules.split(","))
     cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets, lora_dropout=0.0)
     lora = get_method("lora")
@@ -414,7 +427,14 @@ def run_torch(args: argparse.Namespace, inputs: dict[str, np.ndarray]) -> dict:
         torch.set_num_threads(args.torch_threads)
     torch.manual_seed(args.seed)
     folder = model_folder(args.model)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=args.attn)
+    quant = {}
+    if args.qlora:
+        from transformers import BitsAndBytesConfig
+
+        quant = dict(device_map="cpu", quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=args.attn, **quant)
     targets = args.target_modules.split(",")
     model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets,
                                                        lora_dropout=0.0))
@@ -504,6 +524,8 @@ def _spawn(side: str, args: argparse.Namespace, inputs_path: str, *, xla_flags: 
            f"--seed={args.seed}", f"--rank={args.rank}", f"--alpha={args.alpha}",
            f"--target_modules={args.target_modules}", f"--lr={args.lr}", f"--max_grad_norm={args.max_grad_norm}",
            f"--attn={args.attn}", f"--data={args.data}", f"--file_batches={args.file_batches}"]
+    if args.qlora:
+        cmd.append("--qlora")
     if args.model:
         cmd.append(f"--model={args.model}")
     threads = torch_threads or args.torch_threads
@@ -577,7 +599,8 @@ def parent_main(args: argparse.Namespace) -> int:
     tokens = args.batch * args.seq
     print()
     print(f"model {folder}")
-    print(f"LoRA r={args.rank} alpha={args.alpha:g} on {args.target_modules}, dropout 0; "
+    print(("QLoRA (NF4 + double quant, blocksize 64, all linears but the head; bitsandbytes on the PEFT side), "
+           if args.qlora else "") + f"LoRA r={args.rank} alpha={args.alpha:g} on {args.target_modules}, dropout 0; "
           f"{jax_res['n_trainable']} trainable (jaxpeft) / {torch_res['n_trainable']} (PEFT)")
     print(f"batch {args.batch} x seq {args.seq} = {tokens} tokens/step, fp32, AdamW lr {args.lr:g} cosine to 0 over "
           f"{total_steps(args)} steps, clip {args.max_grad_norm:g}; {args.steps} timed steps after 1 + "
@@ -649,10 +672,11 @@ def parent_main(args: argparse.Namespace) -> int:
             a, b = (r["losses"], t["losses"]) if r["side"] == "jax" else (t["losses"], r["losses"])
             d0 = abs(a[0] - b[0])
             dmax = max(abs(x - y) for x, y in zip(a, b))
-            good = d0 <= args.tol
+            tol = args.qlora_tol if args.qlora else args.tol
+            good = d0 <= tol
             ok &= good
             print(f"check {name} vs {ref} (round {r['round']}): step-0 loss jaxpeft {a[0]:.6f} vs PEFT {b[0]:.6f} "
-                  f"(|diff| {d0:.1e}) -> {'OK' if good else 'MISMATCH'} (tol {args.tol:g}); largest per-step "
+                  f"(|diff| {d0:.1e}) -> {'OK' if good else 'MISMATCH'} (tol {tol:g}); largest per-step "
                   f"|diff| over {len(a)} steps {dmax:.1e}; final {a[-1]:.5f} vs {b[-1]:.5f}")
     if args.json:
         with open(args.json, "w") as fh:
