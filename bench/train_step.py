@@ -11,6 +11,8 @@ the torch side uses the same formula through LambdaLR).
     python -m bench.train_step --variants all         # + all-position logits, oneDNN XLA flag, torch 1 thread
     python -m bench.train_step --breakdown            # + forward-only and forward+backward timings per side
     python -m bench.train_step --data random          # random ids, loss on the second half of every row
+    python -m bench.train_step --data file:../shared/data/code_alpaca_2k.json   # real SFT rows (below)
+    python -m bench.train_step --qlora                # QLoRA: NF4 + double quant base on both sides
 
 The parent builds one batch (default: real `builtin:dates` records, encoded and padded to 4 x 128 by
 `jaxpeft.data`; 11 target tokens per row) and one set of LoRA A matrices (seeded numpy, PEFT's
@@ -25,7 +27,24 @@ float loss syncs; K (max_targets) = the batch's target count rounded up to 8, i.
 positions. torch side: forward, mean NLL over the same targets from the logits (same shift and mask),
 backward, clip_grad_norm_, AdamW over the trainable parameters, zero_grad.
 
-Throughput is batch*seq / median step time (padding included: both sides run every position). Peak memory
+With `--data=file:PATH` the records go through the CLI's own data path (`jaxpeft.train.run_data.prepare_data`
+with a RunConfig of this batch and seq and pack=False: load_records with the CLI's 5 % held out, the chat
+template, encode_records, the static row length min(seq, longest example rounded up to 16) and the Batcher),
+and the first --file_batches batches of that stream are used in turn (step i trains on batch i mod N) on both
+sides. jaxpeft runs today's static shape (every batch padded to that row length) with the CLI's static target
+bound K (`micro_batch_targets`); PEFT gets what a PEFT user's collator gives, dynamic padding: each batch cut to
+its longest real row (the Batcher pads on the right, so the cut drops only padding; targets are the same).
+Both sides then also report REAL (non-pad) tokens/s: the real tokens of the timed steps over their time.
+
+With `--qlora` the base's linears are 4-bit on both sides (NF4, double quant, blocksize 64, every linear but the
+head; compute fp32): jaxpeft quantizes on load (`from_pretrained(quantize=Bnb4bitConfig())`, what
+experiments.qlora does), PEFT runs over transformers' bitsandbytes 4-bit (`BitsAndBytesConfig(load_in_4bit...)`,
+device_map cpu, bitsandbytes' default CPU kernels) with no `prepare_model_for_kbit_training` (it would turn on
+gradient checkpointing, which the jaxpeft side does not do). The two quantizers agree to rounding, so the step-0
+check there uses --qlora_tol (1e-3; measured: 1.5e-5 on code_alpaca rows).
+
+Throughput is batch*seq / median step time (padding included: both sides run every position of the batch
+they get; with --data=file the PEFT batches are shorter, so compare the real tokens/s there). Peak memory
 is VmHWM - VmRSS right after the imports, over the whole child ("peak") and from just before the first
 train step on ("train peak", VmHWM reset through /proc/self/clear_refs), in MB.
 """
@@ -55,6 +74,12 @@ ONEDNN_FLAGS = "--xla_cpu_use_onednn=true"
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 
 
+def _data_arg(value: str) -> str:
+    if value in ("dates", "random") or (value.startswith("file:") and len(value) > len("file:")):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: expected dates, random or file:PATH")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,9 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=8, help="timed train steps per side (after the warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compiling) one")
-    p.add_argument("--data", default="dates", choices=("dates", "random"),
+    p.add_argument("--data", default="dates", type=_data_arg,
                    help="dates: builtin:dates records padded to batch x seq (pack=False); random: random ids, "
-                        "every row full, loss on the second half of each row")
+                        "every row full, loss on the second half of each row; file:PATH: SFT records of a file "
+                        "through the CLI's data path (see above)")
+    p.add_argument("--file_batches", type=int, default=4,
+                   help="--data=file: distinct batches, used in turn (step i trains on batch i mod N)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
@@ -87,6 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "so the first train step then no longer includes the compile (the AOT times are printed)")
     p.add_argument("--rounds", type=int, default=1, help="run every side this many times, interleaved")
     p.add_argument("--tol", type=float, default=1e-4, help="absolute tolerance of the step-0 loss check")
+    p.add_argument("--qlora", action="store_true", help="4-bit NF4 base on both sides (see above)")
+    p.add_argument("--qlora_tol", type=float, default=1e-3,
+                   help="absolute tolerance of the step-0 loss check with --qlora (the 4-bit kernels differ)")
     p.add_argument("--model", default=None, help="HF folder (default: the cached SmolLM2-135M folder)")
     p.add_argument("--json", default=None, help="also write all child results to this file")
     # internal: what a child runs
@@ -146,16 +177,45 @@ def _lora_in_dims(folder: str) -> dict[str, tuple[int, int]]:
     return {"layers": c["num_hidden_layers"], "vocab": c["vocab_size"], "dims": dims}  # type: ignore[return-value]
 
 
+def _file_batches(args: argparse.Namespace, folder: str) -> tuple[list[dict[str, np.ndarray]], int, str]:
+    """The first --file_batches batches of the CLI's training stream of `args.data`'s file, the CLI's K, a note."""
+    from transformers import AutoTokenizer
+
+    from jaxpeft.train.loop import micro_batch_targets
+    from jaxpeft.train.run_config import RunConfig
+    from jaxpeft.train.run_data import prepare_data
+
+    path = args.data[len("file:"):]
+    tok = AutoTokenizer.from_pretrained(folder)
+    cfg = RunConfig(out="", dataset=path, batch_size=args.batch, seq_len=args.seq, pack=False, eval_examples=0,
+                    seed=args.seed)
+    data = prepare_data(cfg, tok)
+    batches = [next(data.batcher) for _ in range(args.file_batches)]
+    k = micro_batch_targets(data.encoded, args.batch, data.seq_len, False)
+    real = [int(b["attention_mask"].sum()) for b in batches]
+    longest = [int(b["attention_mask"].sum(1).max()) for b in batches]
+    desc = (f"{path} through the CLI's data path (prepare_data, pack=False, seed {args.seed}): {len(data.encoded)} "
+            f"train examples, static rows of {data.seq_len}; {len(batches)} batches used in turn, real tokens per "
+            f"batch {real}, longest row per batch {longest} (PEFT's dynamic padding), targets per batch "
+            f"{[int(b['loss_mask'][:, 1:].sum()) for b in batches]}")
+    return batches, k, desc
+
+
 def build_inputs(args: argparse.Namespace, folder: str) -> tuple[dict[str, np.ndarray], dict]:
-    """The batch (input_ids, loss_mask, attention_mask, each [B, S] int32) and the LoRA A matrices (I, R)."""
+    """The batches (input_ids, loss_mask, attention_mask, each [N, B, S] int32; step i trains on batch i mod N),
+    torch_len [N] (the columns the torch side keeps of each batch), max_targets (jaxpeft's K, 0: the batches'
+    own bound) and the LoRA A matrices (I, R)."""
     info = _lora_in_dims(folder)
     b, s = args.batch, args.seq
+    k = 0
     if args.data == "random":
         ids = np.random.default_rng(args.seed).integers(0, info["vocab"], size=(b, s), dtype=np.int64)
         mask = np.zeros((b, s), np.int32)
         mask[:, s // 2:] = 1
-        batch = {"input_ids": ids.astype(np.int32), "loss_mask": mask, "attention_mask": np.ones((b, s), np.int32)}
+        batches = [{"input_ids": ids.astype(np.int32), "loss_mask": mask, "attention_mask": np.ones((b, s), np.int32)}]
         desc = f"random ids (seed {args.seed}), loss on positions {s // 2}..{s - 1} of every row"
+    elif args.data.startswith("file:"):
+        batches, k, desc = _file_batches(args, folder)
     else:
         from transformers import AutoTokenizer
 
@@ -165,10 +225,12 @@ def build_inputs(args: argparse.Namespace, folder: str) -> tuple[dict[str, np.nd
         records, _ = load_records("builtin:dates", seed=args.seed)
         encoded, _ = encode_records(tok, records, seq_len=s)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        batch = next(Batcher(encoded, batch_size=b, seq_len=s, pad_id=pad, seed=args.seed, pack=False))
+        batches = [next(Batcher(encoded, batch_size=b, seq_len=s, pad_id=pad, seed=args.seed, pack=False))]
         desc = (f"builtin:dates records (seed {args.seed}), padded (pack=False): real tokens per row "
-                f"{batch['attention_mask'].sum(1).tolist()}, targets per row "
-                f"{batch['loss_mask'][:, 1:].sum(1).tolist()}")
+                f"{batches[0]['attention_mask'].sum(1).tolist()}, targets per row "
+                f"{batches[0]['loss_mask'][:, 1:].sum(1).tolist()}")
+    dynamic = args.data.startswith("file:")
+    torch_len = [int(x["attention_mask"].sum(1).max()) if dynamic else x["input_ids"].shape[1] for x in batches]
     rng = np.random.default_rng(args.seed + 1)
     lora_a = {}
     for layer in range(info["layers"]):
@@ -176,7 +238,20 @@ def build_inputs(args: argparse.Namespace, folder: str) -> tuple[dict[str, np.nd
             in_dim = info["dims"][name][0]
             bound = 1.0 / math.sqrt(in_dim)  # PEFT: kaiming_uniform_(a=sqrt(5)) on the (R, I) weight
             lora_a[f"lora_a/{layer}/{name}"] = rng.uniform(-bound, bound, (in_dim, args.rank)).astype(np.float32)
-    return {k: np.asarray(v, np.int32) for k, v in batch.items()} | lora_a, {"desc": desc}
+    stacked = {key: np.stack([np.asarray(x[key], np.int32) for x in batches])
+               for key in ("input_ids", "loss_mask", "attention_mask")}
+    extra = {"torch_len": np.asarray(torch_len, np.int32), "max_targets": np.asarray(k, np.int32)}
+    return stacked | extra | lora_a, {"desc": desc, "dynamic_padding": dynamic}
+
+
+def _batch_list(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    n = inputs["input_ids"].shape[0]
+    return [{key: inputs[key][i] for key in ("input_ids", "loss_mask", "attention_mask")} for i in range(n)]
+
+
+def _real_tokens(batches: list[dict[str, np.ndarray]], args: argparse.Namespace) -> list[int]:
+    """Real (non-pad) tokens of every step run (step i trains on batch i mod N)."""
+    return [int(batches[i % len(batches)]["attention_mask"].sum()) for i in range(total_steps(args))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,13 +273,18 @@ def _timed_losses(step, args: argparse.Namespace) -> tuple[list[float], float, l
     return losses, first, times, util
 
 
-def _summary(side: str, args: argparse.Namespace, losses, first, times, mem0, mem_setup, reset_ok, **extra) -> dict:
+def _summary(side: str, args: argparse.Namespace, losses, first, times, mem0, mem_setup, reset_ok, real,
+             **extra) -> dict:
+    """`real`: the real (non-pad) tokens of every step run; the timed steps are the last len(times)."""
     mem = _proc_status_mb()
     med = statistics.median(times)
     tokens = args.batch * args.seq
+    real_timed = real[len(real) - len(times):]
     return {
         "side": side,
         "tokens_per_s": tokens / med,
+        "real_tokens_per_s": sum(real_timed) / sum(times),
+        "real_tokens_timed": sum(real_timed),
         "tokens_per_s_best": tokens / min(times),
         "median_s": med,
         "min_s": min(times),
@@ -248,6 +328,7 @@ def run_jax(args: argparse.Namespace, inputs: dict[str, np.ndarray]) -> dict:
     import jax.numpy as jnp
 
     import jaxpeft
+    from jaxpeft.convert.bnb import Bnb4bitConfig
     from jaxpeft.core.tree import flatten_params, unflatten_params
     from jaxpeft.methods import get_method
     from jaxpeft.methods.lora import LoraConfig
@@ -255,8 +336,10 @@ def run_jax(args: argparse.Namespace, inputs: dict[str, np.ndarray]) -> dict:
     from jaxpeft.train.optim import OptimConfig
 
     mem0 = _proc_status_mb()
-    batch = {k: inputs[k] for k in ("input_ids", "loss_mask", "attention_mask")}
-    model, params, _ = jaxpeft.from_pretrained(args.model, load_tokenizer=False)
+    batches = _batch_list(inputs)
+    batch = batches[0]
+    quantize = Bnb4bitConfig() if args.qlora else None  # nf4, double quant, blocksize 64, all-linear
+    model, params, _ = jaxpeft.from_pretrained(args.model, load_tokenizer=False, quantize=quantize)
     targets = tuple(args.target_modules.split(","))
     cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets, lora_dropout=0.0)
     lora = get_method("lora")
@@ -270,8 +353,8 @@ def run_jax(args: argparse.Namespace, inputs: dict[str, np.ndarray]) -> dict:
             replaced += 1
     adapted = unflatten_params(flat)
     b, s = batch["input_ids"].shape
-    n_targets = int(batch["loss_mask"][:, 1:].sum())
-    k = b * (s - 1) if args.all_logits else max(8, -(-n_targets // 8) * 8)
+    n_targets = max(int(x["loss_mask"][:, 1:].sum()) for x in batches)
+    k = b * (s - 1) if args.all_logits else int(inputs["max_targets"]) or max(8, -(-n_targets // 8) * 8)
     optim_cfg = OptimConfig(lr=args.lr, warmup_steps=0, total_steps=total_steps(args),
                             max_grad_norm=args.max_grad_norm, weight_decay=0.0)
     trainer = Trainer(model, adapted, lora.labels(adapted, cfg), optim_cfg=optim_cfg,
@@ -294,8 +377,15 @@ def run_jax(args: argparse.Namespace, inputs: dict[str, np.ndarray]) -> dict:
         extra["breakdown"] = _jax_breakdown(model, trainer, batch, k)
     mem_setup = _proc_status_mb()
     reset_ok = _reset_peak()
-    losses, first, times, util = _timed_losses(lambda: trainer.train_step(batch)["loss"], args)
-    return _summary("jax", args, losses, first, times, mem0, mem_setup, reset_ok, cpu_util=util, max_targets=k,
+    count = [0]
+
+    def step() -> float:
+        count[0] += 1
+        return trainer.train_step(batches[(count[0] - 1) % len(batches)])["loss"]
+
+    losses, first, times, util = _timed_losses(step, args)
+    return _summary("jax", args, losses, first, times, mem0, mem_setup, reset_ok, _real_tokens(batches, args),
+                    cpu_util=util, max_targets=k, seq_len=s,
                     n_targets=n_targets, lora_a_replaced=replaced, n_trainable=n_trainable,
                     lr_first_last=[float(trainer.schedule(0)), float(trainer.schedule(total_steps(args) - 1))],
                     jax_version=jax.__version__, backend=jax.default_backend(),
@@ -337,7 +427,14 @@ def run_torch(args: argparse.Namespace, inputs: dict[str, np.ndarray]) -> dict:
         torch.set_num_threads(args.torch_threads)
     torch.manual_seed(args.seed)
     folder = model_folder(args.model)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=args.attn)
+    quant = {}
+    if args.qlora:
+        from transformers import BitsAndBytesConfig
+
+        quant = dict(device_map="cpu", quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=args.attn, **quant)
     targets = args.target_modules.split(",")
     model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=targets,
                                                        lora_dropout=0.0))
@@ -355,20 +452,24 @@ def run_torch(args: argparse.Namespace, inputs: dict[str, np.ndarray]) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_at(args, i) / args.lr)
-    ids = torch.from_numpy(inputs["input_ids"].astype(np.int64))
-    attn = torch.from_numpy(inputs["attention_mask"].astype(np.int64))
-    mask = torch.from_numpy(inputs["loss_mask"][:, 1:].astype(np.float32))
-    targets_t = ids[:, 1:]
-    n = mask.sum()
+    batches = _batch_list(inputs)
+    tensors = []  # per batch, cut to torch_len columns (dynamic padding with --data=file; else the full row)
+    for x, cols in zip(batches, inputs["torch_len"].tolist()):
+        ids = torch.from_numpy(x["input_ids"][:, :cols].astype(np.int64))
+        tensors.append((ids, torch.from_numpy(x["attention_mask"][:, :cols].astype(np.int64)),
+                        torch.from_numpy(x["loss_mask"][:, 1:cols].astype(np.float32))))
+    count = [0]
 
-    def loss_fn():
+    def loss_fn(i: int = 0):
+        ids, attn, mask = tensors[i % len(tensors)]
         logits = model(input_ids=ids, attention_mask=attn).logits.float()
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                targets_t.reshape(-1), reduction="none")
-        return (nll * mask.reshape(-1)).sum() / n
+                                                ids[:, 1:].reshape(-1), reduction="none")
+        return (nll * mask.reshape(-1)).sum() / mask.sum()
 
     def step() -> float:
-        loss = loss_fn()
+        count[0] += 1
+        loss = loss_fn(count[0] - 1)
         loss.backward()
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -396,7 +497,8 @@ def run_torch(args: argparse.Namespace, inputs: dict[str, np.ndarray]) -> dict:
     mem_setup = _proc_status_mb()
     reset_ok = _reset_peak()
     losses, first, times, util = _timed_losses(step, args)
-    return _summary("torch", args, losses, first, times, mem0, mem_setup, reset_ok, cpu_util=util, **extra,
+    return _summary("torch", args, losses, first, times, mem0, mem_setup, reset_ok, _real_tokens(batches, args),
+                    cpu_util=util, **extra, seq_lens=inputs["torch_len"].tolist(),
                     lora_a_replaced=replaced,
                     n_trainable=sum(p.numel() for p in trainable), torch_version=torch.__version__,
                     transformers_version=transformers.__version__, peft_version=peft.__version__,
@@ -421,7 +523,9 @@ def _spawn(side: str, args: argparse.Namespace, inputs_path: str, *, xla_flags: 
            f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}", f"--warmup={args.warmup}",
            f"--seed={args.seed}", f"--rank={args.rank}", f"--alpha={args.alpha}",
            f"--target_modules={args.target_modules}", f"--lr={args.lr}", f"--max_grad_norm={args.max_grad_norm}",
-           f"--attn={args.attn}"]
+           f"--attn={args.attn}", f"--data={args.data}", f"--file_batches={args.file_batches}"]
+    if args.qlora:
+        cmd.append("--qlora")
     if args.model:
         cmd.append(f"--model={args.model}")
     threads = torch_threads or args.torch_threads
@@ -484,7 +588,8 @@ def parent_main(args: argparse.Namespace) -> int:
                 res = _spawn(side, args, path, **kw)
                 res["round"] = r
                 results[name].append(res)
-                print(f"  round {r} {name:<{w}s} {res['tokens_per_s']:8.1f} tok/s  (median "
+                print(f"  round {r} {name:<{w}s} {res['tokens_per_s']:8.1f} tok/s, {res['real_tokens_per_s']:7.1f} "
+                      f"real tok/s  (median "
                       f"{res['median_s'] * 1e3:.0f} ms, min {res['min_s'] * 1e3:.0f} ms, first step "
                       f"{res['first_step_s']:.1f} s, peak +{res['peak_mb']:.0f} MB, CPU/wall {res['cpu_util']:.2f}, "
                       f"load {res['load'][0]:.2f}, child wall {res['wall_s']:.0f} s)", flush=True)
@@ -494,11 +599,16 @@ def parent_main(args: argparse.Namespace) -> int:
     tokens = args.batch * args.seq
     print()
     print(f"model {folder}")
-    print(f"LoRA r={args.rank} alpha={args.alpha:g} on {args.target_modules}, dropout 0; "
+    print(("QLoRA (NF4 + double quant, blocksize 64, all linears but the head; bitsandbytes on the PEFT side), "
+           if args.qlora else "") + f"LoRA r={args.rank} alpha={args.alpha:g} on {args.target_modules}, dropout 0; "
           f"{jax_res['n_trainable']} trainable (jaxpeft) / {torch_res['n_trainable']} (PEFT)")
     print(f"batch {args.batch} x seq {args.seq} = {tokens} tokens/step, fp32, AdamW lr {args.lr:g} cosine to 0 over "
           f"{total_steps(args)} steps, clip {args.max_grad_norm:g}; {args.steps} timed steps after 1 + "
-          f"{args.warmup} warm-up step(s), same batch every step")
+          f"{args.warmup} warm-up step(s), "
+          + (f"{args.file_batches} batches in turn" if meta["dynamic_padding"] else "same batch every step"))
+    if meta["dynamic_padding"]:
+        print(f"padding: jaxpeft static rows of {jax_res['seq_len']} (today's static shape); PEFT dynamic padding to "
+              f"the longest row of each batch, {torch_res['seq_lens']}; compare the real (non-pad) tokens/s")
     print(f"data: {meta['desc']}; jaxpeft max_targets K={jax_res['max_targets']} "
           f"({jax_res['n_targets']} targets)")
     print(f"load average (1/5/15 min) before {'/'.join(f'{v:.2f}' for v in load_before)}, after "
@@ -512,14 +622,15 @@ def parent_main(args: argparse.Namespace) -> int:
     print()
     # Over rounds: the best median step (the least disturbed run; its first step and CPU/wall too), the best
     # step, and the median of the memory figures (which load hardly moves).
-    header = (f"{'side':<{w}s} {'tok/s':>7s} {'median ms':>9s} {'min ms':>7s} {'1st step s':>10s} "
+    header = (f"{'side':<{w}s} {'tok/s':>7s} {'real/s':>7s} {'median ms':>9s} {'min ms':>7s} {'1st step s':>10s} "
               f"{'peak MB':>7s} {'train MB':>8s} {'loss@0':>9s} {'loss@end':>9s} {'CPU/wall':>8s} {'tok/s x':>7s} "
-              f"{'mem x':>6s}")
+              f"{'mem x':>6s} {'real x':>6s}")
     print(header)
     print("-" * len(header))
     best = {name: min(r["median_s"] for r in runs) for name, runs in results.items()}
     peak = {name: statistics.median(r["peak_mb"] for r in runs) for name, runs in results.items()}
     calm = {name: min(runs, key=lambda r: r["median_s"]) for name, runs in results.items()}
+    real = {name: max(r["real_tokens_per_s"] for r in runs) for name, runs in results.items()}
     for name, _, _ in variants:
         runs = results[name]
         mn = min(r["min_s"] for r in runs)
@@ -527,11 +638,14 @@ def parent_main(args: argparse.Namespace) -> int:
         train_mb = [r["train_peak_mb"] for r in runs if r["train_peak_mb"] is not None]
         train = statistics.median(train_mb) if train_mb else None
         r0 = runs[0]
-        print(f"{name:<{w}s} {tokens / best[name]:7.1f} {best[name] * 1e3:9.0f} {mn * 1e3:7.0f} {first:10.1f} "
+        print(f"{name:<{w}s} {tokens / best[name]:7.1f} {real[name]:7.1f} {best[name] * 1e3:9.0f} {mn * 1e3:7.0f} {first:10.1f} "
               f"{peak[name]:7.0f} {_fmt_mb(train):>8s} {r0['losses'][0]:9.5f} {r0['losses'][-1]:9.5f} "
-              f"{calm[name]['cpu_util']:8.2f} {best['PEFT'] / best[name]:7.2f} {peak[name] / peak['PEFT']:6.2f}")
+              f"{calm[name]['cpu_util']:8.2f} {best['PEFT'] / best[name]:7.2f} {peak[name] / peak['PEFT']:6.2f} "
+              f"{real[name] / real['PEFT']:6.2f}")
     print()
-    print(f"jaxpeft / PEFT: tokens/s x{best['PEFT'] / best['jaxpeft']:.2f}, peak memory "
+    print(f"jaxpeft / PEFT: real (non-pad) tokens/s x{real['jaxpeft'] / real['PEFT']:.2f} (the real tokens of the "
+          f"timed steps over their summed time, best round), ", end="")
+    print(f"tokens/s x{best['PEFT'] / best['jaxpeft']:.2f}, peak memory "
           f"x{peak['jaxpeft'] / peak['PEFT']:.2f} (best median step over {args.rounds} round(s); "
           f"peak = VmHWM - RSS after imports, median over rounds)")
     for name, runs in results.items():
@@ -558,10 +672,11 @@ def parent_main(args: argparse.Namespace) -> int:
             a, b = (r["losses"], t["losses"]) if r["side"] == "jax" else (t["losses"], r["losses"])
             d0 = abs(a[0] - b[0])
             dmax = max(abs(x - y) for x, y in zip(a, b))
-            good = d0 <= args.tol
+            tol = args.qlora_tol if args.qlora else args.tol
+            good = d0 <= tol
             ok &= good
             print(f"check {name} vs {ref} (round {r['round']}): step-0 loss jaxpeft {a[0]:.6f} vs PEFT {b[0]:.6f} "
-                  f"(|diff| {d0:.1e}) -> {'OK' if good else 'MISMATCH'} (tol {args.tol:g}); largest per-step "
+                  f"(|diff| {d0:.1e}) -> {'OK' if good else 'MISMATCH'} (tol {tol:g}); largest per-step "
                   f"|diff| over {len(a)} steps {dmax:.1e}; final {a[-1]:.5f} vs {b[-1]:.5f}")
     if args.json:
         with open(args.json, "w") as fh:
