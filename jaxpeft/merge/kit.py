@@ -59,14 +59,16 @@ def outlier_counts(density: float, gamma: float, n: int) -> tuple[int, int]:
     return n - n_bot - target, target
 
 
-def _rank_keep(bits_X: jax.Array, lower: jax.Array, upper: jax.Array, has_upper: jax.Array, any_kept: jax.Array,
-               at_lower: jax.Array):
-    """True where lower < |d| (< upper if has_upper), plus the first `at_lower` entries (in flat order) equal to
-    `lower`, so that exactly the count asked for is kept even when many magnitudes tie at the cut (bf16
-    deltas often do; mergekit's choice among them is torch's unstable sort's, unspecified)."""
-    eq = bits_X == lower
-    first = (jnp.cumsum(eq.reshape(-1)).reshape(bits_X.shape) <= at_lower) & eq
-    return ((bits_X > lower) | first) & (~has_upper | (bits_X < upper)) & any_kept
+def _rank_keep(bits_RxC: jax.Array, lower: jax.Array, upper: jax.Array, has_upper: jax.Array, any_kept: jax.Array,
+               cut: jax.Array):
+    """True where lower < |d| (< upper if has_upper), plus the entries equal to `lower` before flat position
+    `cut` of the chunk, so that exactly the count asked for is kept even when many magnitudes tie at the cut
+    (bf16 deltas often do; mergekit's choice among them is torch's unstable sort's, unspecified): the first
+    ones in flat order, across chunks (task_vector_chunks finds `cut`)."""
+    rows, cols = bits_RxC.shape
+    flat = jnp.arange(rows, dtype=jnp.int32)[:, None] * cols + jnp.arange(cols, dtype=jnp.int32)[None]
+    first = (bits_RxC == lower) & (flat < cut)
+    return ((bits_RxC > lower) | first) & (~has_upper | (bits_RxC < upper)) & any_kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +175,7 @@ def host_thresholds(read: Read, view: RowChunks, counts: list[tuple[int, int]], 
         del bits
         has_upper.append(skip > 0), any_kept.append(keep > 0), at_lower.append(max(0, keep - above))
     return (np.asarray(lower, np.uint32), np.asarray(upper, np.uint32), np.asarray(has_upper),
-            np.asarray(any_kept), np.asarray(at_lower, np.int64))
+            np.asarray(any_kept), np.asarray(at_lower, np.int64))  # at_lower: how many equal to `lower` to keep
 
 
 def _rescaled(d, keep, before, after, rd):
@@ -200,7 +202,7 @@ def _task_vector_chunk(base_RxC, xs_NxRxC, seed_N, first_row, valid_rows, w_N, d
         keep_NxRxC = jnp.ones(d_NxRxC.shape, bool)
     elif sparsifier in ("magnitude", "magnitude_outliers"):
         bits = _abs_bits(d_NxRxC)
-        keep_NxRxC = jax.vmap(_rank_keep)(bits, *thresholds)
+        keep_NxRxC = jax.vmap(_rank_keep)(bits, *thresholds)  # thresholds[4]: the cut positions
         valid_R = jnp.arange(bits.shape[1]) < valid_rows
         eq_N = ((bits == thresholds[0][:, None, None]) & valid_R[None, :, None]).sum(axis=(1, 2), dtype=jnp.int32)
     elif sparsifier == "random":
@@ -256,13 +258,26 @@ def task_vector_chunks(read: Read, n: int, shape: tuple[int, ...], dtype, key: j
     before = after = np.zeros(n, np.float32)
 
     def run(stage: str, before, after):
-        at_lower, results = thresholds[4].copy(), []
+        left, results = thresholds[4].astype(np.int64), []  # entries equal to the cut still to keep, per input
         for a, b in view.spans():
             chunk = _chunk(read, range(n + 1), view, a, b)
-            thr = thresholds[:4] + (np.maximum(at_lower, 0).astype(np.int32),)
-            *res, eq = _task_vector_chunk(chunk[0], chunk[1:], seed_N, np.int32(a), np.int32(b - a), *params, thr,
-                                          f32(epsilons), f32(lam), before, after, stage=stage, **kw)
-            at_lower -= np.asarray(eq)
+
+            def call(cut_N):
+                return _task_vector_chunk(chunk[0], chunk[1:], seed_N, np.int32(a), np.int32(b - a), *params,
+                                          thresholds[:4] + (cut_N,), f32(epsilons), f32(lam), before, after,
+                                          stage=stage, **kw)
+            # keep every entry equal to the cut, or none once enough are kept; where this chunk holds more
+            # than are left, find the position of the last one to keep and run the chunk again (once per input)
+            cut_N = np.where(left > 0, np.iinfo(np.int32).max, 0).astype(np.int32)
+            *res, eq = call(cut_N)
+            eq = np.asarray(eq)
+            split = (left > 0) & (eq > left)
+            if split.any():
+                for i in np.flatnonzero(split):
+                    bits = np.asarray(_delta_bits(chunk[0], chunk[i + 1], dtype=np.dtype(dtype))).reshape(-1)
+                    cut_N[i] = np.flatnonzero(bits == thresholds[0][i])[left[i] - 1] + 1
+                *res, eq = call(cut_N)
+            left -= np.asarray(eq)
             results.append((a, b, [np.asarray(r) for r in res]))
         return results
 

@@ -112,7 +112,7 @@ def lora_delta(model: Model, name: str, rows: tuple[int, int] | None = None) -> 
     module = name[: -len(".weight")]
     key = f"base_model.model.{module}"
     w = model.lora["weights"]
-    if f"{key}.lora_A.weight" not in w:
+    if f"{key}.lora_A.weight" not in _names(w):
         return None
     cfg = model.lora["config"]
     r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
@@ -174,7 +174,7 @@ def plan_merge(cfg: MergeConfig) -> Plan:
     planned: list[PlannedTensor] = []
 
     def plan_one(out_name: str, sl, sources, in_names: list[str], t: float) -> None:
-        present = [n in models[s.model].weights for s, n in zip(sources, in_names)]
+        present = [n in _names(models[s.model].weights) for s, n in zip(sources, in_names)]
         if not any(present) and out_name == "lm_head.weight":
             return  # tied embeddings: no head anywhere (mergekit's optional weight)
         for s, n, ok in zip(sources, in_names, present):
@@ -257,6 +257,11 @@ def plan_merge(cfg: MergeConfig) -> Plan:
     if cfg.tokenizer_source not in (None, "base"):
         tok_ref = cfg.tokenizer_source
     return Plan(cfg, models, tuple(planned), out_config, models[tok_ref].folder)
+
+
+def _names(weights: Mapping[str, np.ndarray]) -> Mapping:
+    """A checkpoint's tensor names: a `stream.Checkpoint`'s headers (Mapping's `in` would read the tensor)."""
+    return getattr(weights, "info", weights)
 
 
 def _np_name(code: str) -> str:
