@@ -153,15 +153,17 @@ def host_thresholds(read: Read, view: RowChunks, counts: list[tuple[int, int]], 
     (np.partition in place: introselect, O(n), no sort) over ONE uint32 copy of the whole |delta| at a time,
     filled chunk by chunk."""
     n = view.rows * view.cols
-    lower, upper, has_upper, any_kept, at_lower = [], [], [], [], []
+    lower, upper, has_upper, any_kept, at_lower, cuts = [], [], [], [], [], []
     for i, (skip, keep) in enumerate(counts, start=1):
         if skip == 0 and keep >= n:
             lower.append(0), upper.append(0), has_upper.append(False), any_kept.append(True), at_lower.append(n)
+            cuts.append(-1)
             continue
         bits = np.empty((view.rows, view.cols), np.uint32)
         for a, b in view.spans():
             bits[a:b] = np.asarray(_delta_bits(read(0, a, b), read(i, a, b), dtype=np.dtype(dtype)))
         bits = bits.reshape(-1)
+        ordered = bits.copy() if len(view.spans()) == 1 else None  # one chunk: find the tie break's cut here
         if keep > 0:
             bits.partition(n - (skip + keep))
         lower.append(bits[n - (skip + keep)] if keep > 0 else 0)
@@ -174,8 +176,15 @@ def host_thresholds(read: Read, view: RowChunks, counts: list[tuple[int, int]], 
             upper.append(0)
         del bits
         has_upper.append(skip > 0), any_kept.append(keep > 0), at_lower.append(max(0, keep - above))
+        cuts.append(-1)
+        if ordered is not None and at_lower[-1] > 0:
+            at = np.flatnonzero(ordered == lower[-1])
+            cuts[-1] = at[at_lower[-1] - 1] + 1 if at_lower[-1] < at.size else -1
+        elif ordered is not None:
+            cuts[-1] = 0
+    # at_lower: how many entries equal to `lower` are kept; cuts: where the last of them is, when known (-1)
     return (np.asarray(lower, np.uint32), np.asarray(upper, np.uint32), np.asarray(has_upper),
-            np.asarray(any_kept), np.asarray(at_lower, np.int64))  # at_lower: how many equal to `lower` to keep
+            np.asarray(any_kept), np.asarray(at_lower, np.int64), np.asarray(cuts, np.int64))
 
 
 def _rescaled(d, keep, before, after, rd):
@@ -249,7 +258,7 @@ def task_vector_chunks(read: Read, n: int, shape: tuple[int, ...], dtype, key: j
         thresholds = host_thresholds(read, view, counts, dtype)
     else:
         thresholds = (np.zeros(n, np.uint32), np.zeros(n, np.uint32), np.zeros(n, bool), np.ones(n, bool),
-                      np.zeros(n, np.int64))
+                      np.zeros(n, np.int64), np.full(n, -1, np.int64))
     f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
     seed_N = np.asarray(jax.random.bits(key, (n,), jnp.uint32))
     kw = dict(sparsifier=sparsifier, consensus=consensus, normalize=normalize, rescale=rescale,
@@ -268,10 +277,11 @@ def task_vector_chunks(read: Read, n: int, shape: tuple[int, ...], dtype, key: j
                                           stage=stage, **kw)
             # keep every entry equal to the cut, or none once enough are kept; where this chunk holds more
             # than are left, find the position of the last one to keep and run the chunk again (once per input)
-            cut_N = np.where(left > 0, np.iinfo(np.int32).max, 0).astype(np.int32)
+            known = thresholds[5] >= 0
+            cut_N = np.where(known, thresholds[5], np.where(left > 0, np.iinfo(np.int32).max, 0)).astype(np.int32)
             *res, eq = call(cut_N)
             eq = np.asarray(eq)
-            split = (left > 0) & (eq > left)
+            split = (left > 0) & (eq > left) & ~known
             if split.any():
                 for i in np.flatnonzero(split):
                     bits = np.asarray(_delta_bits(chunk[0], chunk[i + 1], dtype=np.dtype(dtype))).reshape(-1)
