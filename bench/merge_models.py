@@ -121,7 +121,7 @@ def main() -> None:
                      "--lazy-unpickle", "--no-copy-tokenizer"],
     }
     results = {}
-    for tool in args.tools.split(","):
+    for tool in filter(None, args.tools.split(",")):
         shutil.rmtree(d / f"out_{tool}", ignore_errors=True)
         before = machine()
         base = timed([sys.executable, "-c", BASELINE[tool]], d / f"{tool}_baseline.log")
