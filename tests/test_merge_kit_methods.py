@@ -99,3 +99,45 @@ def test_exactly_k_kept_when_magnitudes_tie():
                                            rescale=False))
     assert (out != 0).sum() == int(0.37 * d.size)
     assert np.abs(out[out != 0]).min() >= np.abs(d[out == 0]).max()
+
+
+def _budgets_agree(fn):
+    """fn(budget) at a budget of one row per chunk (and a ragged last chunk) and at the default (one chunk)."""
+    whole = fn(kit.DEFAULT_CHUNK_BYTES)
+    for budget in (4 * 23, 3 * 4 * 23):  # 1 row, then 2 rows per chunk (the largest power of two that fits 3)
+        np.testing.assert_array_equal(fn(budget), whole)
+    return whole
+
+
+CHUNKED = {"ties": METHODS["ties"], "dare_ties": METHODS["dare_ties"], "della": METHODS["della"],
+           "ties_rescaled": ("magnitude", "sum", True, True), "breadcrumbs_ties": ("magnitude_outliers", "sum", True, False)}
+
+
+@pytest.mark.parametrize("name", [
+    "ties", "dare_ties",
+    pytest.param("della", marks=pytest.mark.slow(reason="three more compilations with DELLA's argsorts, ~4 s")),
+    pytest.param("ties_rescaled", marks=pytest.mark.slow(reason="three more compilations, ~3 s")),
+    pytest.param("breadcrumbs_ties", marks=pytest.mark.slow(reason="three more compilations, ~3 s"))])
+def test_row_chunks_are_bit_identical(name):
+    """The thresholds, the L1 rescale (row sums) and the random masks (a hash of the flat index) do not depend
+    on the chunking: 37 one-row chunks, 19 two-row chunks and one chunk give the same bits. Equal bf16
+    magnitudes tie at the cut across chunk boundaries (the exact-k tie break carries over chunks)."""
+    rng = np.random.default_rng(5)
+    base = (rng.integers(-8, 8, size=(37, 23)) * 0.25).astype(np.float32)  # exact deltas: magnitudes tie
+    xs = [base + rng.integers(-3, 4, size=base.shape).astype(np.float32) * s for s in (0.0625, 0.125)]
+    sp, cons, norm, resc = CHUNKED[name]
+
+    def fn(budget):
+        return np.asarray(kit.task_vector_merge(
+            base, np.stack(xs), jax.random.key(7), sparsifier=sp, consensus=cons, weights=(0.5, 0.4),
+            densities=(0.45, 0.6), gammas=(0.05, 0.02), epsilons=(0.1, 0.1), normalize=norm, rescale=resc,
+            budget=budget))
+    out = _budgets_agree(fn)
+    assert not np.array_equal(out, base)
+
+
+def test_row_chunks_slerp_and_linear():
+    rng = np.random.default_rng(6)
+    a, b = (rng.normal(size=(37, 23)).astype(np.float32) for _ in range(2))
+    _budgets_agree(lambda budget: kit.slerp(a, b, t=0.3, budget=budget))
+    _budgets_agree(lambda budget: kit.linear(np.stack([a, b]), weights=(0.3, 0.9), budget=budget))

@@ -358,3 +358,19 @@ def test_cli(models, tmp_path):
                      "--noprogress").stdout
     assert "merged 39 tensors" in out
     assert (tmp_path / "o" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", [
+    "ties", pytest.param("slerp_gradient", marks=pytest.mark.slow(reason="two more merges, ~4 s")),
+    pytest.param("passthrough", marks=pytest.mark.slow(reason="two more merges, ~3 s"))])
+def test_tiny_chunks_give_the_same_folder(merged, models, tmp_path, name):
+    """A 64-byte budget (one row per chunk, rows read by safetensors' get_slice) writes the same bits as the
+    default budget (every tiny tensor in one chunk)."""
+    _, ours, _ = merged(name)
+    (tmp_path / "merge.yml").write_text(_config(models, CONFIGS[name]))
+    merge_config_file(tmp_path / "merge.yml", tmp_path / "out", MergeOptions(progress=False, chunk_bytes=64))
+    chunked = _load(tmp_path / "out")
+    assert sorted(chunked) == sorted(ours)
+    for k, v in ours.items():
+        assert chunked[k].dtype == v.dtype
+        np.testing.assert_array_equal(chunked[k].view(np.uint8), v.view(np.uint8), err_msg=k)

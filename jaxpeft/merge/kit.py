@@ -12,11 +12,21 @@ the summed weights of the entries that agree, sparsification keeps max(1, int(de
 (magnitude) and `rescale` multiplies each sparsified delta by one L1-matching factor, |d|_1 / |kept|_1.
 The delta is taken in the inputs' dtype as mergekit does (a bf16 delta is rounded to bf16 before it is
 ranked), then everything is fp32.
+
+Out of core: every tensor is seen as rows x cols (`RowChunks`) and merged in chunks of whole rows, at most
+`budget` bytes of fp32 per input chunk (default 64 MB), read through a `Read` callback (kit_exec reads the
+rows with safetensors' get_slice). What needs the whole tensor comes first: the k-th magnitudes (one uint32
+copy of |delta| for one input at a time, np.partition in place), the L1 rescale norms and slerp's norms and
+dot product (row sums in fp32, their total in fp64). The random masks hash each entry's flat index. So the
+output is bit-identical whatever the budget. nuslerp and model_stock still take whole tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,21 +36,12 @@ from jaxpeft.merge.ops import _abs_bits, elect_and_merge, round_like
 
 SPARSIFIERS = (None, "magnitude", "random", "magnitude_outliers", "della_magprune")
 RESCALE_EPS = 1e-7
+DEFAULT_CHUNK_BYTES = 64 << 20  # fp32 bytes of one input's row chunk
 
 
 def _rounder(dtype):
     """Rounds fp32 values to `dtype` and back: mergekit's torch ops work in the inputs' dtype (bf16 too)."""
     return lambda x: round_like(x.astype(jnp.float32), dtype)
-
-
-def _rescaled(d: jax.Array, keep: jax.Array, rescale: bool, rd=lambda x: x) -> jax.Array:
-    """The kept entries, times |d|_1 / |kept|_1 if `rescale` (unless either norm is below 1e-7)."""
-    kept = jnp.where(keep, d, 0)
-    if not rescale:
-        return kept
-    before, after = rd(jnp.abs(d).sum()), rd(jnp.abs(kept).sum())
-    ok = (before >= RESCALE_EPS) & (after >= RESCALE_EPS)
-    return jnp.where(ok, rd(kept * rd(before / jnp.where(ok, after, 1))), kept)
 
 
 def magnitude_counts(density: float, n: int) -> int:
@@ -58,37 +59,78 @@ def outlier_counts(density: float, gamma: float, n: int) -> tuple[int, int]:
     return n - n_bot - target, target
 
 
-def _rank_keep(bits_X: jax.Array, lower: jax.Array, upper: jax.Array, has_upper: jax.Array, any_kept: jax.Array,
-               at_lower: jax.Array):
-    """True where lower < |d| (< upper if has_upper), plus the first `at_lower` entries (in flat order) equal to
-    `lower`, so that exactly the count asked for is kept even when many magnitudes tie at the cut (bf16
-    deltas often do; mergekit's choice among them is torch's unstable sort's, unspecified)."""
-    eq = bits_X == lower
-    first = (jnp.cumsum(eq.reshape(-1)).reshape(bits_X.shape) <= at_lower) & eq
-    return ((bits_X > lower) | first) & (~has_upper | (bits_X < upper)) & any_kept
+def _rank_keep(bits_RxC: jax.Array, lower: jax.Array, upper: jax.Array, has_upper: jax.Array, any_kept: jax.Array,
+               cut: jax.Array):
+    """True where lower < |d| (< upper if has_upper), plus the entries equal to `lower` before flat position
+    `cut` of the chunk, so that exactly the count asked for is kept even when many magnitudes tie at the cut
+    (bf16 deltas often do; mergekit's choice among them is torch's unstable sort's, unspecified): the first
+    ones in flat order, across chunks (task_vector_chunks finds `cut`)."""
+    rows, cols = bits_RxC.shape
+    flat = jnp.arange(rows, dtype=jnp.int32)[:, None] * cols + jnp.arange(cols, dtype=jnp.int32)[None]
+    first = (bits_RxC == lower) & (flat < cut)
+    return ((bits_RxC > lower) | first) & (~has_upper | (bits_RxC < upper)) & any_kept
 
 
-def host_thresholds(base_X, xs_NxX, counts: list[tuple[int, int]], dtype) -> tuple[np.ndarray, ...]:
-    """Per input, the bit patterns of the (skip + keep)-th and skip-th largest |x_i - base| (the delta rounded to
-    the inputs' dtype, as mergekit ranks it), by selection (np.partition: introselect, O(n), no sort)."""
-    b32 = np.asarray(base_X, np.float32).reshape(-1)
-    n = b32.size
-    lower, upper, has_upper, any_kept, at_lower = [], [], [], [], []
-    for x, (skip, keep) in zip(xs_NxX, counts):
-        if skip == 0 and keep >= n:
-            lower.append(0), upper.append(0), has_upper.append(False), any_kept.append(True), at_lower.append(n)
-            continue
-        d = np.asarray(x, np.float32).reshape(-1) - b32
-        if np.dtype(dtype) != np.float32:
-            d = d.astype(dtype).astype(np.float32)
-        bits = np.abs(d).view(np.uint32)
-        lower.append(np.partition(bits, n - (skip + keep))[n - (skip + keep)] if keep > 0 else 0)
-        upper.append(np.partition(bits, n - skip)[n - skip] if skip > 0 else 0)
-        has_upper.append(skip > 0), any_kept.append(keep > 0)
-        above = int((bits > lower[-1]).sum()) - (int((bits >= upper[-1]).sum()) if skip > 0 else 0)
-        at_lower.append(max(0, keep - above))
-    return (np.asarray(lower, np.uint32), np.asarray(upper, np.uint32), np.asarray(has_upper),
-            np.asarray(any_kept), np.asarray(at_lower, np.int32))
+@dataclasses.dataclass(frozen=True)
+class RowChunks:
+    """A tensor seen as `rows` x `cols` (shape[0] x the rest; a vector is one row), cut into chunks of `per`
+    rows: the largest power of two whose fp32 copy fits `budget` bytes (at least one row), or the whole
+    tensor padded to a power of two of rows when it fits one chunk (so that few shapes are compiled).
+    Chunks hold whole rows, so per-row statistics (DELLA's ranks, the row sums behind every global sum)
+    and the random masks (a hash of each entry's flat index) are the same whatever the budget."""
+
+    shape: tuple[int, ...]
+    rows: int
+    cols: int
+    per: int
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], budget: int) -> "RowChunks":
+        shape = tuple(int(s) for s in shape)
+        rows, cols = (1, int(np.prod(shape, dtype=np.int64))) if len(shape) < 2 else (
+            shape[0], int(np.prod(shape[1:], dtype=np.int64)))
+        fit = max(1, budget // (4 * max(cols, 1)))
+        per = bucket(rows) if rows <= fit else 1 << (fit.bit_length() - 1)
+        return cls(shape, rows, cols, per)
+
+    def spans(self) -> list[tuple[int, int]]:
+        return [(a, min(a + self.per, self.rows)) for a in range(0, self.rows, self.per)]
+
+
+Read = Callable[[int, int, int], np.ndarray]  # read(i, start, stop): rows start..stop of input i, rows x cols
+
+
+def array_reader(arrays: Sequence[np.ndarray]) -> Read:
+    """A `Read` over tensors in memory (input 0 first)."""
+    def read(i: int, start: int, stop: int) -> np.ndarray:
+        a = np.asarray(arrays[i])
+        return a.reshape(1, -1) if a.ndim < 2 else a.reshape(a.shape[0], -1)[start:stop]
+    return read
+
+
+def _pad_rows(x_RxC: np.ndarray, rows: int) -> np.ndarray:
+    return x_RxC if x_RxC.shape[0] == rows else np.pad(x_RxC, ((0, rows - x_RxC.shape[0]), (0, 0)))
+
+
+def _chunk(read: Read, inputs: Sequence[int], view: RowChunks, start: int, stop: int) -> np.ndarray:
+    return np.stack([_pad_rows(read(i, start, stop), view.per) for i in inputs])
+
+
+def _hash32(x: jax.Array) -> jax.Array:
+    """lowbias32 (C. Wellons' integer hash), a bijection of uint32 with good avalanche."""
+    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _uniform(seed_N: jax.Array, first_row: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """U[0, 1) per input and entry, a function of (seed, flat index) only: a chunk's draws do not depend on
+    how the tensor is chunked."""
+    n, rows, cols = shape
+    idx = (first_row.astype(jnp.uint32) + jnp.arange(rows, dtype=jnp.uint32))[:, None] * jnp.uint32(cols) + \
+        jnp.arange(cols, dtype=jnp.uint32)[None]
+    h = _hash32(_hash32(idx[None] * jnp.uint32(0x9E3779B9) ^ seed_N[:, None, None]) + seed_N[:, None, None])
+    return (h >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
 
 
 def della_probs(d_X: jax.Array, density: float, epsilon: float) -> jax.Array:
@@ -100,120 +142,247 @@ def della_probs(d_X: jax.Array, density: float, epsilon: float) -> jax.Array:
     return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(d_X.shape)
 
 
-def _sparsify(key, d_NxX, sparsifier, dens_N, thresholds, eps_N, rescale, rd):
-    if sparsifier is None:
-        return d_NxX
-    col = (-1,) + (1,) * (d_NxX.ndim - 1)
-    if sparsifier in ("magnitude", "magnitude_outliers"):
-        keep_NxX = jax.vmap(_rank_keep)(_abs_bits(d_NxX), *thresholds)
-    elif sparsifier == "random":
-        keep_NxX = jax.random.uniform(key, d_NxX.shape) < dens_N.reshape(col)
-    else:
-        keep_NxX = jax.random.uniform(key, d_NxX.shape) < jax.vmap(della_probs)(d_NxX, dens_N, eps_N)
-    out = jax.vmap(lambda d, k: _rescaled(d, k, rescale, rd))(d_NxX, keep_NxX)
-    return jnp.where((dens_N >= 1).reshape(col), d_NxX, out)  # density 1: the delta as it is (no rescale)
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _delta_bits(base_RxC, x_RxC, *, dtype):
+    """|x - base| as mergekit ranks it (the delta rounded to the inputs' dtype), as uint32 bit patterns."""
+    return _abs_bits(round_like(x_RxC.astype(jnp.float32) - base_RxC.astype(jnp.float32), dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("sparsifier", "consensus", "normalize", "rescale"))
-def _task_vector_core(base_X, xs_NxX, key, w_N, dens_N, thresholds, eps_N, lam, *, sparsifier, consensus,
-                      normalize, rescale):
-    rd = _rounder(base_X.dtype)
+def host_thresholds(read: Read, view: RowChunks, counts: list[tuple[int, int]], dtype) -> tuple[np.ndarray, ...]:
+    """Per input, the bit patterns of the (skip + keep)-th and skip-th largest |x_i - base|, by selection
+    (np.partition in place: introselect, O(n), no sort) over ONE uint32 copy of the whole |delta| at a time,
+    filled chunk by chunk."""
+    n = view.rows * view.cols
+    lower, upper, has_upper, any_kept, at_lower, cuts = [], [], [], [], [], []
+    for i, (skip, keep) in enumerate(counts, start=1):
+        if skip == 0 and keep >= n:
+            lower.append(0), upper.append(0), has_upper.append(False), any_kept.append(True), at_lower.append(n)
+            cuts.append(-1)
+            continue
+        bits = np.empty((view.rows, view.cols), np.uint32)
+        for a, b in view.spans():
+            bits[a:b] = np.asarray(_delta_bits(read(0, a, b), read(i, a, b), dtype=np.dtype(dtype)))
+        bits = bits.reshape(-1)
+        ordered = bits.copy() if len(view.spans()) == 1 else None  # one chunk: find the tie break's cut here
+        if keep > 0:
+            bits.partition(n - (skip + keep))
+        lower.append(bits[n - (skip + keep)] if keep > 0 else 0)
+        above = int((bits > lower[-1]).sum())
+        if skip > 0:
+            bits.partition(n - skip)
+            upper.append(bits[n - skip])
+            above -= int((bits >= upper[-1]).sum())
+        else:
+            upper.append(0)
+        del bits
+        has_upper.append(skip > 0), any_kept.append(keep > 0), at_lower.append(max(0, keep - above))
+        cuts.append(-1)
+        if ordered is not None and at_lower[-1] > 0:
+            at = np.flatnonzero(ordered == lower[-1])
+            cuts[-1] = at[at_lower[-1] - 1] + 1 if at_lower[-1] < at.size else -1
+        elif ordered is not None:
+            cuts[-1] = 0
+    # at_lower: how many entries equal to `lower` are kept; cuts: where the last of them is, when known (-1)
+    return (np.asarray(lower, np.uint32), np.asarray(upper, np.uint32), np.asarray(has_upper),
+            np.asarray(any_kept), np.asarray(at_lower, np.int64), np.asarray(cuts, np.int64))
+
+
+def _rescaled(d, keep, before, after, rd):
+    """The kept entries, times |d|_1 / |kept|_1 (the whole tensor's L1 norms, summed in a first pass; left
+    as they are if either norm is below 1e-7)."""
+    kept = jnp.where(keep, d, 0)
+    before, after = rd(before), rd(after)
+    ok = (before >= RESCALE_EPS) & (after >= RESCALE_EPS)
+    return jnp.where(ok, rd(kept * rd(before / jnp.where(ok, after, 1))), kept)
+
+
+@functools.partial(jax.jit, static_argnames=("sparsifier", "consensus", "normalize", "rescale", "stage", "rest"))
+def _task_vector_chunk(base_RxC, xs_NxRxC, seed_N, first_row, valid_rows, w_N, dens_N, thresholds, eps_N, lam,
+                       before_N, after_N, *, sparsifier, consensus, normalize, rescale, stage, rest):
+    """One chunk of rows of the task-vector merge. stage "sums": the row sums of |d| and of |kept d| (for the
+    L1 rescale); "merge": the merged rows. Both also count each input's entries equal to its cut (so the next
+    chunk knows how many of those are already kept)."""
+    rd = _rounder(base_RxC.dtype)
     w_N = rd(w_N)
-    d_NxX = _sparsify(key, rd(xs_NxX.astype(jnp.float32) - base_X.astype(jnp.float32)), sparsifier, dens_N, thresholds, eps_N, rescale,
-                      rd)
-    if consensus is not None:
-        mixed_X = elect_and_merge(d_NxX, w_N, method={"sum": "total", "count": "frequency"}[consensus],
-                                  vote="weighted", divide="weights" if normalize else "none", round_to=base_X.dtype)
+    d_NxRxC = rd(xs_NxRxC.astype(jnp.float32) - base_RxC.astype(jnp.float32))
+    col = (-1, 1, 1)
+    eq_N = jnp.zeros(d_NxRxC.shape[0], jnp.int32)
+    if sparsifier is None:
+        keep_NxRxC = jnp.ones(d_NxRxC.shape, bool)
+    elif sparsifier in ("magnitude", "magnitude_outliers"):
+        bits = _abs_bits(d_NxRxC)
+        keep_NxRxC = jax.vmap(_rank_keep)(bits, *thresholds)  # thresholds[4]: the cut positions
+        valid_R = jnp.arange(bits.shape[1]) < valid_rows
+        eq_N = ((bits == thresholds[0][:, None, None]) & valid_R[None, :, None]).sum(axis=(1, 2), dtype=jnp.int32)
+    elif sparsifier == "random":
+        keep_NxRxC = _uniform(seed_N, first_row, d_NxRxC.shape) < dens_N.reshape(col)
     else:
-        mixed_X = rd(rd(d_NxX * w_N.reshape((-1,) + (1,) * base_X.ndim)).sum(axis=0))
+        shape = (d_NxRxC.shape[0], -1) + rest
+        probs = jax.vmap(della_probs)(d_NxRxC.reshape(shape), dens_N, eps_N).reshape(d_NxRxC.shape)
+        keep_NxRxC = _uniform(seed_N, first_row, d_NxRxC.shape) < probs
+    if stage == "sums":
+        return jnp.abs(d_NxRxC).sum(axis=2), jnp.abs(jnp.where(keep_NxRxC, d_NxRxC, 0)).sum(axis=2), eq_N
+    if sparsifier is not None:
+        if rescale:
+            out = jax.vmap(lambda d, k, b, a: _rescaled(d, k, b, a, rd))(d_NxRxC, keep_NxRxC, before_N, after_N)
+        else:
+            out = jnp.where(keep_NxRxC, d_NxRxC, 0)
+        d_NxRxC = jnp.where((dens_N >= 1).reshape(col), d_NxRxC, out)  # density 1: the delta as it is
+    if consensus is not None:
+        mixed = elect_and_merge(d_NxRxC, w_N, method={"sum": "total", "count": "frequency"}[consensus],
+                                vote="weighted", divide="weights" if normalize else "none", round_to=base_RxC.dtype)
+    else:
+        mixed = rd(rd(d_NxRxC * w_N.reshape(col)).sum(axis=0))
         if normalize:
             total = rd(w_N.sum())
-            mixed_X = rd(mixed_X / jnp.where(jnp.abs(total) < 1e-8, 1.0, total))
-    mixed_X = jnp.where(lam != 1, rd(mixed_X * lam), mixed_X)
-    return (base_X.astype(jnp.float32) + mixed_X).astype(base_X.dtype)
+            mixed = rd(mixed / jnp.where(jnp.abs(total) < 1e-8, 1.0, total))
+    mixed = jnp.where(lam != 1, rd(mixed * lam), mixed)
+    return (base_RxC.astype(jnp.float32) + mixed).astype(base_RxC.dtype), eq_N
 
 
-def _padded(x, size: int) -> np.ndarray:
-    """x flattened and zero-padded to `size`, in numpy (eager jnp ops would compile once per shape)."""
-    flat = np.asarray(x).reshape(-1)
-    return np.pad(flat, (0, size - flat.size))
-
-
-def bucket(n: int) -> int:
-    """The padded length of an n-entry tensor: the next power of two, so that few shapes are compiled."""
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def task_vector_merge(base_X: jax.Array, xs_NxX: jax.Array, key: jax.Array, *, sparsifier: str | None,
-                      consensus: str | None, weights: tuple[float, ...], densities: tuple[float, ...],
-                      gammas: tuple[float, ...] = (), epsilons: tuple[float, ...] = (), normalize: bool,
-                      rescale: bool, lam: float = 1.0) -> jax.Array:
-    """mergekit's generalized task arithmetic: base + lam * merge_i(sparsify(x_i - base)), in the base's dtype.
-
-    consensus: None (a weighted sum), "sum" or "count" (TIES sign election, ops' "total"/"frequency").
-    Every step but DELLA's per-row ranks is blind to the layout, so the tensors are flattened and padded with
-    zeros to a power of two (a zero delta is never kept over a nonzero one and adds nothing to a norm): one
-    compilation serves many shapes; the weights, densities and counts are traced, not static.
-    """
-    n, size = xs_NxX.shape[0], base_X.size
-    gammas = gammas or (0.0,) * n
-    epsilons = epsilons or (0.0,) * n
+def task_vector_chunks(read: Read, n: int, shape: tuple[int, ...], dtype, key: jax.Array, *,
+                       sparsifier: str | None, consensus: str | None, weights: tuple[float, ...],
+                       densities: tuple[float, ...], gammas: tuple[float, ...] = (),
+                       epsilons: tuple[float, ...] = (), normalize: bool, rescale: bool, lam: float = 1.0,
+                       budget: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
+    """mergekit's generalized task arithmetic, base + lam * merge_i(sparsify(x_i - base)), of input 0 (the
+    base) and inputs 1..n as `read` gives them, in row chunks of at most `budget` fp32 bytes per input:
+    the thresholds (one |delta| copy at a time, np.partition) and the L1 norms (row sums) first, then the
+    elementwise merge chunk by chunk into the output (`dtype`, the base's). Bit-identical for any budget."""
+    view = RowChunks.of(shape, budget)
+    size = view.rows * view.cols
+    gammas, epsilons = gammas or (0.0,) * n, epsilons or (0.0,) * n
     counts = [(0, magnitude_counts(d, size)) if sparsifier != "magnitude_outliers" else outlier_counts(d, g, size)
               for d, g in zip(densities, gammas)]
     if sparsifier in ("magnitude", "magnitude_outliers"):
-        thresholds = host_thresholds(base_X, xs_NxX, counts, np.asarray(base_X).dtype)
+        thresholds = host_thresholds(read, view, counts, dtype)
     else:
         thresholds = (np.zeros(n, np.uint32), np.zeros(n, np.uint32), np.zeros(n, bool), np.ones(n, bool),
-                      np.zeros(n, np.int32))
+                      np.zeros(n, np.int64), np.full(n, -1, np.int64))
     f32 = lambda v: np.asarray(v, np.float32)  # noqa: E731
-    args = (key, f32(weights), f32(densities), thresholds, f32(epsilons), f32(lam))
-    kw = dict(sparsifier=sparsifier, consensus=consensus, normalize=normalize, rescale=rescale)
-    if sparsifier == "della_magprune":
-        return _task_vector_core(base_X, xs_NxX, *args, **kw)
-    p = bucket(size)
-    out = _task_vector_core(_padded(base_X, p), np.stack([_padded(x, p) for x in xs_NxX]), *args, **kw)
-    return np.asarray(out)[:size].reshape(base_X.shape)
+    seed_N = np.asarray(jax.random.bits(key, (n,), jnp.uint32))
+    kw = dict(sparsifier=sparsifier, consensus=consensus, normalize=normalize, rescale=rescale,
+              rest=tuple(view.shape[1:]) if len(view.shape) > 1 else (view.cols,))
+    params = (f32(weights), f32(densities))
+    before = after = np.zeros(n, np.float32)
+
+    def run(stage: str, before, after):
+        left, results = thresholds[4].astype(np.int64), []  # entries equal to the cut still to keep, per input
+        for a, b in view.spans():
+            chunk = _chunk(read, range(n + 1), view, a, b)
+
+            def call(cut_N):
+                return _task_vector_chunk(chunk[0], chunk[1:], seed_N, np.int32(a), np.int32(b - a), *params,
+                                          thresholds[:4] + (cut_N,), f32(epsilons), f32(lam), before, after,
+                                          stage=stage, **kw)
+            # keep every entry equal to the cut, or none once enough are kept; where this chunk holds more
+            # than are left, find the position of the last one to keep and run the chunk again (once per input)
+            known = thresholds[5] >= 0
+            cut_N = np.where(known, thresholds[5], np.where(left > 0, np.iinfo(np.int32).max, 0)).astype(np.int32)
+            *res, eq = call(cut_N)
+            eq = np.asarray(eq)
+            split = (left > 0) & (eq > left) & ~known
+            if split.any():
+                for i in np.flatnonzero(split):
+                    bits = np.asarray(_delta_bits(chunk[0], chunk[i + 1], dtype=np.dtype(dtype))).reshape(-1)
+                    cut_N[i] = np.flatnonzero(bits == thresholds[0][i])[left[i] - 1] + 1
+                *res, eq = call(cut_N)
+            left -= np.asarray(eq)
+            results.append((a, b, [np.asarray(r) for r in res]))
+        return results
+
+    if rescale and sparsifier is not None:
+        sums = run("sums", before, after)
+        row_sums = [np.concatenate([r[k][:, : b - a] for a, b, r in sums], axis=1) for k in (0, 1)]
+        before, after = (f32(s.astype(np.float64).sum(axis=1)) for s in row_sums)
+    out = np.empty((view.rows, view.cols), np.dtype(dtype))
+    for a, b, (o,) in run("merge", before, after):
+        out[a:b] = o[: b - a]
+    return out.reshape(shape)
+
+
+def task_vector_merge(base_X: jax.Array, xs_NxX: jax.Array, key: jax.Array, *, budget: int = DEFAULT_CHUNK_BYTES,
+                      **kw) -> np.ndarray:
+    """`task_vector_chunks` of tensors in memory: consensus None (a weighted sum), "sum" or "count" (TIES
+    sign election, ops' "total"/"frequency"); sparsifier None, "magnitude", "random", "magnitude_outliers"
+    or "della_magprune"."""
+    base = np.asarray(base_X)
+    return task_vector_chunks(array_reader([base, *xs_NxX]), len(xs_NxX), base.shape, base.dtype, key,
+                              budget=budget, **kw)
+
+
+def bucket(n: int) -> int:
+    """The next power of two of n: padded row counts, so that few shapes are compiled."""
+    return 1 << max(0, (n - 1).bit_length())
 
 
 @jax.jit
-def _linear_core(xs_NxX, w_N, normalize):
-    out = (xs_NxX.astype(jnp.float32) * w_N.reshape((-1,) + (1,) * (xs_NxX.ndim - 1))).sum(axis=0)
-    return jnp.where(normalize, out / w_N.sum(), out).astype(xs_NxX.dtype)
+def _linear_chunk(xs_NxRxC, w_N, normalize):
+    out = (xs_NxRxC.astype(jnp.float32) * w_N.reshape(-1, 1, 1)).sum(axis=0)
+    return jnp.where(normalize, out / w_N.sum(), out).astype(xs_NxRxC.dtype)
 
 
-def linear(xs_NxX: jax.Array, *, weights: tuple[float, ...], normalize: bool = True) -> jax.Array:
-    """Σ w_i·x_i (divided by Σ w_i if `normalize`), in fp32, returned in the inputs' dtype."""
-    shape, p = xs_NxX.shape[1:], bucket(xs_NxX[0].size)
-    out = _linear_core(np.stack([_padded(x, p) for x in xs_NxX]), np.asarray(weights, np.float32),
-                       np.asarray(normalize))
-    return np.asarray(out)[: int(np.prod(shape))].reshape(shape)
+def linear_chunks(read: Read, n: int, shape: tuple[int, ...], dtype, *, weights: tuple[float, ...],
+                  normalize: bool = True, budget: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
+    """Σ w_i·x_i over the n inputs (divided by Σ w_i if `normalize`), in fp32, in the inputs' dtype."""
+    view = RowChunks.of(shape, budget)
+    out = np.empty((view.rows, view.cols), np.dtype(dtype))
+    for a, b in view.spans():
+        o = _linear_chunk(_chunk(read, range(n), view, a, b), np.asarray(weights, np.float32), np.asarray(normalize))
+        out[a:b] = np.asarray(o)[: b - a]
+    return out.reshape(shape)
 
 
-def _slerp_vectors(t, a, b, dot_threshold, eps):
-    norm_a, norm_b = jnp.linalg.norm(a), jnp.linalg.norm(b)
-    norm_a = jnp.where(norm_a > eps, norm_a, 1)
-    norm_b = jnp.where(norm_b > eps, norm_b, 1)
-    dot = jnp.clip(jnp.sum((a / norm_a) * (b / norm_b)), -1, 1)
-    lin = jnp.abs(dot) > dot_threshold
-    theta = jnp.arccos(jnp.where(lin, 0.0, dot))
-    sin_theta = jnp.sin(theta)
-    safe = jnp.where(lin, 1.0, sin_theta)
-    coef_a = jnp.where(lin, 1 - t, jnp.sin((1 - t) * theta) / safe)
-    coef_b = jnp.where(lin, t, jnp.sin(t * theta) / safe)
-    return coef_a * a + coef_b * b
+def linear(xs_NxX: jax.Array, *, weights: tuple[float, ...], normalize: bool = True,
+           budget: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
+    x0 = np.asarray(xs_NxX[0])
+    return linear_chunks(array_reader(list(xs_NxX)), len(xs_NxX), x0.shape, x0.dtype, weights=weights,
+                         normalize=normalize, budget=budget)
 
 
 @jax.jit
-def _slerp_core(v0_P, v1_P, t):
-    return _slerp_vectors(t, v0_P.astype(jnp.float32), v1_P.astype(jnp.float32), 0.9995, 1e-8).astype(v0_P.dtype)
+def _slerp_sums(v0_RxC, v1_RxC):
+    a, b = v0_RxC.astype(jnp.float32), v1_RxC.astype(jnp.float32)
+    return jnp.stack([(a * a).sum(axis=1), (b * b).sum(axis=1), (a * b).sum(axis=1)])
 
 
-def slerp(v0_X: jax.Array, v1_X: jax.Array, *, t: float) -> jax.Array:
-    """mergekit's slerp of the whole tensor (one vector): v0 is the base; linear where |cos| > 0.9995.
-    Zero padding to a power of two changes no norm or dot product."""
-    p = bucket(v0_X.size)
-    out = _slerp_core(_padded(v0_X, p), _padded(v1_X, p), np.float32(t))
-    return np.asarray(out)[: v0_X.size].reshape(v0_X.shape)
+@jax.jit
+def _slerp_chunk(v0_RxC, v1_RxC, coef_a, coef_b):
+    return (coef_a * v0_RxC.astype(jnp.float32) + coef_b * v1_RxC.astype(jnp.float32)).astype(v0_RxC.dtype)
+
+
+def slerp_coefficients(sq_a: float, sq_b: float, ab: float, t: float, dot_threshold: float = 0.9995,
+                       eps: float = 1e-8) -> tuple[float, float]:
+    """mergekit's slerp of two whole tensors (one vector each) from their squared norms and dot product:
+    the coefficients of v0 and v1 (linear where |cos| > 0.9995)."""
+    norm_a, norm_b = math.sqrt(sq_a), math.sqrt(sq_b)
+    norm_a, norm_b = (norm_a if norm_a > eps else 1.0), (norm_b if norm_b > eps else 1.0)
+    dot = min(1.0, max(-1.0, ab / (norm_a * norm_b)))
+    if abs(dot) > dot_threshold:
+        return 1 - t, t
+    theta = math.acos(dot)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+def slerp_chunks(read: Read, shape: tuple[int, ...], dtype, *, t: float,
+                 budget: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
+    """mergekit's slerp of inputs 0 (the base) and 1: norms and dot product summed over the row chunks (row
+    sums in fp32, their total in fp64), then coef_a·v0 + coef_b·v1 chunk by chunk."""
+    view = RowChunks.of(shape, budget)
+    sums = np.zeros(3, np.float64)
+    for a, b in view.spans():
+        s = np.asarray(_slerp_sums(*_chunk(read, (0, 1), view, a, b)))
+        sums += s.astype(np.float64).sum(axis=1)
+    coef = [np.float32(c) for c in slerp_coefficients(*sums, t=t)]
+    out = np.empty((view.rows, view.cols), np.dtype(dtype))
+    for a, b in view.spans():
+        out[a:b] = np.asarray(_slerp_chunk(*_chunk(read, (0, 1), view, a, b), *coef))[: b - a]
+    return out.reshape(shape)
+
+
+def slerp(v0_X: jax.Array, v1_X: jax.Array, *, t: float, budget: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
+    v0 = np.asarray(v0_X)
+    return slerp_chunks(array_reader([v0, v1_X]), v0.shape, v0.dtype, t=t, budget=budget)
 
 
 def _nuslerp_rows(t, v0, v1, eps=1e-8):

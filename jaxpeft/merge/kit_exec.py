@@ -17,6 +17,7 @@ import numpy as np
 from jaxpeft.convert.shards import Tensors, TensorSpec, save_shards
 from jaxpeft.core.atomic import atomic_dir
 from jaxpeft.core.errors import ConfigError
+from jaxpeft.convert.stream import _np_dtype
 from jaxpeft.merge import kit
 from jaxpeft.merge.kit_config import parse_config
 from jaxpeft.merge.kit_run import TOKENIZER_FILES, Plan, PlannedTensor, lora_delta, plan_merge
@@ -30,17 +31,25 @@ class MergeOptions:
     seed: int = 0
     overwrite: bool = False
     progress: bool = True
+    chunk_bytes: int = kit.DEFAULT_CHUNK_BYTES  # fp32 bytes of one input's row chunk
 
 
-def read_input(plan: Plan, ref: str, name: str, dtype: str | None) -> np.ndarray:
-    """One input tensor (a fresh safetensors handle), with its LoRA delta added, cast to `dtype` if given."""
+def read_input(plan: Plan, ref: str, name: str, dtype: str | None, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """One input tensor (a fresh safetensors handle), or its rows start..stop (`rows`) seen as rows x cols
+    (kit.RowChunks), with its LoRA delta added, cast to `dtype` if given."""
     model = plan.models[ref]
-    array = model.weights[name]
-    delta = lora_delta(model, name)
+    shape = model.weights.info[name].shape
+    if rows is None or len(shape) < 2:
+        array = model.weights[name]
+    else:
+        array = model.weights.read_slice(name, (slice(*rows),))
+    delta = lora_delta(model, name, rows if len(shape) >= 2 else None)
     if delta is not None:
         array = (array.astype(np.float32) + delta).astype(array.dtype)
     if dtype is not None and _is_float(array) and array.dtype.name != dtype:
         array = array.astype(_dt(dtype))
+    if rows is not None:
+        array = array.reshape(1, -1) if len(shape) < 2 else array.reshape(rows[1] - rows[0], -1)
     return array
 
 
@@ -48,34 +57,46 @@ def _is_float(array: np.ndarray) -> bool:
     return np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"
 
 
-def merge_tensor(plan: Plan, pt: PlannedTensor, key) -> np.ndarray:
-    """The merged value of one planned tensor (numpy, in its output dtype)."""
+def merge_tensor(plan: Plan, pt: PlannedTensor, key, budget: int = kit.DEFAULT_CHUNK_BYTES) -> np.ndarray:
+    """The merged value of one planned tensor (numpy, in its output dtype). Its inputs are read in row chunks
+    of at most `budget` fp32 bytes each (all but nuslerp and model_stock, which read whole tensors)."""
     method = plan.config.method
-    arrays = [read_input(plan, ref, name, plan.config.dtype) for ref, name in pt.inputs]
-    if not _is_float(arrays[0]):
-        out = arrays[0]  # integer buffers: the first input's (the base's) as it is
+    first_ref, first_name = pt.inputs[0]
+    info = plan.models[first_ref].weights.info[first_name]
+    dtype = _dt(plan.config.dtype) if plan.config.dtype else _np_dtype(info.dtype)
+    if not _is_float(np.empty(0, dtype)):
+        out = read_input(plan, first_ref, first_name, None)  # integer buffers: the first input's as it is
     else:
-        xs = arrays
-        sh, per = pt.shared, pt.per_input
+        def read(i: int, start: int, stop: int) -> np.ndarray:
+            ref, name = pt.inputs[i]
+            return read_input(plan, ref, name, plan.config.dtype, (start, stop))
+
+        def whole() -> list[np.ndarray]:
+            return [read_input(plan, ref, name, plan.config.dtype) for ref, name in pt.inputs]
+
+        sh, per, n = pt.shared, pt.per_input, len(pt.inputs)
         nb = per[1:] if pt.base_index == 0 else per
         if method.task_vector:
-            out = kit.task_vector_merge(
-                xs[0], np.stack(xs[1:]), key, sparsifier=method.sparsifier, consensus=method.consensus,
+            out = kit.task_vector_chunks(
+                read, n - 1, pt.shape, dtype, key, sparsifier=method.sparsifier, consensus=method.consensus,
                 weights=tuple(p["weight"] for p in nb), densities=tuple(p["density"] for p in nb),
                 gammas=tuple(p.get("gamma", 0.0) for p in nb), epsilons=tuple(p.get("epsilon", 0.0) for p in nb),
-                normalize=bool(sh["normalize"]), rescale=bool(sh["rescale"]), lam=float(sh["lambda"]))
+                normalize=bool(sh["normalize"]), rescale=bool(sh["rescale"]), lam=float(sh["lambda"]), budget=budget)
         elif method.name == "linear":
-            out = kit.linear(np.stack(xs), weights=tuple(p["weight"] for p in per), normalize=bool(sh["normalize"]))
+            out = kit.linear_chunks(read, n, pt.shape, dtype, weights=tuple(p["weight"] for p in per),
+                                    normalize=bool(sh["normalize"]), budget=budget)
         elif method.name == "slerp":
-            out = kit.slerp(xs[0], xs[1], t=float(sh["t"]))
+            out = kit.slerp_chunks(read, pt.shape, dtype, t=float(sh["t"]), budget=budget)
         elif method.name == "nuslerp":
+            xs = whole()
             base, others = (xs[0], xs[1:]) if pt.base_index == 0 else (None, xs)
             out = kit.nuslerp(base, others[0], others[1], weights=tuple(p["weight"] for p in nb),
                               row_wise=bool(sh["nuslerp_row_wise"]), flatten=bool(sh["nuslerp_flatten"]))
         elif method.name == "model_stock":
+            xs = whole()
             out = kit.model_stock(xs[0], np.stack(xs[1:]), filter_wise=bool(sh["filter_wise"]))
         elif method.name == "passthrough":
-            out = kit.passthrough(xs[0], scale=per[0]["scale"])
+            out = kit.passthrough(read_input(plan, first_ref, first_name, plan.config.dtype), scale=per[0]["scale"])
         else:  # the METHODS table and this dispatch are kept in step by tests/test_merge_models.py
             raise ConfigError(f"merge method {method.name} has no implementation")
         out = np.asarray(out)
@@ -109,7 +130,7 @@ def run_merge(plan: Plan, out: str | Path, options: MergeOptions = MergeOptions(
 
     def build(i: int, pt: PlannedTensor):
         def make():
-            value = merge_tensor(plan, pt, jax.random.fold_in(root, i))
+            value = merge_tensor(plan, pt, jax.random.fold_in(root, i), options.chunk_bytes)
             bar.update(value.nbytes)
             bar.set_postfix_str(f"{i + 1}/{len(plan.tensors)} tensors", refresh=False)
             return {pt.name: value}

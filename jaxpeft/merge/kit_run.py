@@ -6,9 +6,9 @@ consecutively, the final norm and head from the last slice's sources), resolves 
 tensor, and checks the models against each other (architecture, tensor names and shapes, layer ranges,
 densities). Every problem is collected into one `ConfigError` before anything is written.
 
-`run_merge` then makes one output tensor at a time: its inputs are read through `stream.Checkpoint` (a
-fresh safetensors handle per tensor, so pages do not pile up), a `model+lora` source gets its LoRA delta
-added, the method's jitted function merges them, and `shards.save_shards` writes the result before the
+`run_merge` then makes one output tensor at a time: its inputs are read through `stream.Checkpoint` in row
+chunks (`read_slice`: a fresh safetensors handle per read, so pages do not pile up), a `model+lora` source
+gets its LoRA delta added, the method's jitted function merges them chunk by chunk (kit.RowChunks), and `shards.save_shards` writes the result before the
 next tensor is read. The output folder is written to a temporary sibling and renamed at the end
 (`atomic_dir`), with config.json, the tokenizer files, mergekit_config.yml and a README model card.
 """
@@ -104,14 +104,15 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
     return default
 
 
-def lora_delta(model: Model, name: str) -> np.ndarray | None:
-    """scale · B @ A for tensor `name` (`<module>.weight`) of a `model+lora` source; None if not adapted."""
+def lora_delta(model: Model, name: str, rows: tuple[int, int] | None = None) -> np.ndarray | None:
+    """scale · B @ A for tensor `name` (`<module>.weight`) of a `model+lora` source, or its `rows`
+    (start, stop) only; None if not adapted."""
     if model.lora is None or not name.endswith(".weight"):
         return None
     module = name[: -len(".weight")]
     key = f"base_model.model.{module}"
     w = model.lora["weights"]
-    if f"{key}.lora_A.weight" not in w:
+    if f"{key}.lora_A.weight" not in _names(w):
         return None
     cfg = model.lora["config"]
     r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
@@ -119,6 +120,8 @@ def lora_delta(model: Model, name: str) -> np.ndarray | None:
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     a_RxI = np.asarray(w[f"{key}.lora_A.weight"], np.float32)
     b_OxR = np.asarray(w[f"{key}.lora_B.weight"], np.float32)
+    if rows is not None:
+        b_OxR = b_OxR[rows[0]:rows[1]]
     return scale * (b_OxR @ a_RxI)
 
 
@@ -171,7 +174,7 @@ def plan_merge(cfg: MergeConfig) -> Plan:
     planned: list[PlannedTensor] = []
 
     def plan_one(out_name: str, sl, sources, in_names: list[str], t: float) -> None:
-        present = [n in models[s.model].weights for s, n in zip(sources, in_names)]
+        present = [n in _names(models[s.model].weights) for s, n in zip(sources, in_names)]
         if not any(present) and out_name == "lm_head.weight":
             return  # tied embeddings: no head anywhere (mergekit's optional weight)
         for s, n, ok in zip(sources, in_names, present):
@@ -254,6 +257,11 @@ def plan_merge(cfg: MergeConfig) -> Plan:
     if cfg.tokenizer_source not in (None, "base"):
         tok_ref = cfg.tokenizer_source
     return Plan(cfg, models, tuple(planned), out_config, models[tok_ref].folder)
+
+
+def _names(weights: Mapping[str, np.ndarray]) -> Mapping:
+    """A checkpoint's tensor names: a `stream.Checkpoint`'s headers (Mapping's `in` would read the tensor)."""
+    return getattr(weights, "info", weights)
 
 
 def _np_name(code: str) -> str:
