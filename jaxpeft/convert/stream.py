@@ -78,8 +78,13 @@ class TensorInfo:
     dtype: str  # the safetensors code: "BF16", "F32", ...
 
     @property
+    def np_dtype(self) -> np.dtype:
+        """The numpy dtype of the stored tensor (ml_dtypes' for bfloat16)."""
+        return _np_dtype(self.dtype)
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _np_dtype(self.dtype).itemsize
+        return math.prod(self.shape) * self.np_dtype.itemsize
 
 
 class Checkpoint(Mapping[str, np.ndarray]):
@@ -132,6 +137,9 @@ class Checkpoint(Mapping[str, np.ndarray]):
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise CheckpointError(f"could not read {path}: {e}. The file is truncated or not a safetensors file; "
                                   "download or export it again.") from e
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.info  # the headers only (Mapping's `in` would read the tensor)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.info)

@@ -17,7 +17,6 @@ import numpy as np
 from jaxpeft.convert.shards import Tensors, TensorSpec, save_shards
 from jaxpeft.core.atomic import atomic_dir
 from jaxpeft.core.errors import ConfigError
-from jaxpeft.convert.stream import _np_dtype
 from jaxpeft.merge import kit
 from jaxpeft.merge.kit_config import parse_config
 from jaxpeft.merge.kit_run import TOKENIZER_FILES, Plan, PlannedTensor, lora_delta, plan_merge
@@ -63,7 +62,7 @@ def merge_tensor(plan: Plan, pt: PlannedTensor, key, budget: int = kit.DEFAULT_C
     method = plan.config.method
     first_ref, first_name = pt.inputs[0]
     info = plan.models[first_ref].weights.info[first_name]
-    dtype = _dt(plan.config.dtype) if plan.config.dtype else _np_dtype(info.dtype)
+    dtype = _dt(plan.config.dtype) if plan.config.dtype else info.np_dtype
     if not _is_float(np.empty(0, dtype)):
         out = read_input(plan, first_ref, first_name, None)  # integer buffers: the first input's as it is
     else:

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxpeft.convert.hf import read_hf_weights
-from jaxpeft.convert.stream import Checkpoint, _np_dtype
+from jaxpeft.convert.stream import Checkpoint
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.merge.kit_config import REQUIRED, MergeConfig, resolve, split_reference
 
@@ -112,7 +112,7 @@ def lora_delta(model: Model, name: str, rows: tuple[int, int] | None = None) -> 
     module = name[: -len(".weight")]
     key = f"base_model.model.{module}"
     w = model.lora["weights"]
-    if f"{key}.lora_A.weight" not in _names(w):
+    if f"{key}.lora_A.weight" not in w:
         return None
     cfg = model.lora["config"]
     r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
@@ -174,7 +174,7 @@ def plan_merge(cfg: MergeConfig) -> Plan:
     planned: list[PlannedTensor] = []
 
     def plan_one(out_name: str, sl, sources, in_names: list[str], t: float) -> None:
-        present = [n in _names(models[s.model].weights) for s, n in zip(sources, in_names)]
+        present = [n in models[s.model].weights for s, n in zip(sources, in_names)]
         if not any(present) and out_name == "lm_head.weight":
             return  # tied embeddings: no head anywhere (mergekit's optional weight)
         for s, n, ok in zip(sources, in_names, present):
@@ -223,7 +223,7 @@ def plan_merge(cfg: MergeConfig) -> Plan:
             e = values.get("epsilon")
             if isinstance(d, float) and isinstance(e, float) and d < 1 and not (0 < d - e and d + e < 1):
                 problems.append(f"{where}: density {d} +/- epsilon {e} must stay in (0, 1)")
-        dtype = cfg.out_dtype or cfg.dtype or _np_name(first.dtype)
+        dtype = cfg.out_dtype or cfg.dtype or first.np_dtype.name
         planned.append(PlannedTensor(out_name, tuple((sources[i].model, in_names[i]) for i in order), base_index,
                                      shared, tuple(per_input), first.shape, dtype))
 
@@ -259,10 +259,3 @@ def plan_merge(cfg: MergeConfig) -> Plan:
     return Plan(cfg, models, tuple(planned), out_config, models[tok_ref].folder)
 
 
-def _names(weights: Mapping[str, np.ndarray]) -> Mapping:
-    """A checkpoint's tensor names: a `stream.Checkpoint`'s headers (Mapping's `in` would read the tensor)."""
-    return getattr(weights, "info", weights)
-
-
-def _np_name(code: str) -> str:
-    return _np_dtype(code).name
