@@ -188,12 +188,7 @@ def score_and_generate(
     stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
     out, nll, count = fn(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(answer), jnp.asarray(answer_mask),
                          jnp.asarray(target), stops, jax.random.key(0))
-    stop_set = set(stop_ids)
-    results = []
-    for row in np.asarray(out).tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
-        results.append(row[:cut])
-    return results, float(nll), int(count)
+    return cut_at_stop(out, stop_ids), float(nll), int(count)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16,
@@ -234,10 +229,14 @@ def generate(
     ids, mask = left_pad(prompts, pad_id, multiple=pad_multiple, min_len=min_prompt_len)
     fn = _decode_fn(model, max_new_tokens, sampling, cache_dtype or model.dtype)
     stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-    out = np.asarray(fn(params, jnp.asarray(ids), jnp.asarray(mask), stops, jax.random.key(seed)))
-    results = []
+    return cut_at_stop(fn(params, jnp.asarray(ids), jnp.asarray(mask), stops, jax.random.key(seed)), stop_ids)
+
+
+def cut_at_stop(out_BxN: Any, stop_ids: Sequence[int]) -> list[list[int]]:
+    """Each row of the decode loop's tokens up to and including its first stop token."""
     stop_set = set(stop_ids)
-    for row in out.tolist():
+    results = []
+    for row in np.asarray(out_BxN).tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
         results.append(row[:cut])
     return results

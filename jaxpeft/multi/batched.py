@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxpeft.core import partition
 from jaxpeft.core.errors import ConfigError
-from jaxpeft.models.generate import SamplingConfig, decode_loop, left_pad
+from jaxpeft.models.generate import SamplingConfig, cut_at_stop, decode_loop, left_pad
 from jaxpeft.models.causal_lm import init_cache
 from jaxpeft.multi.stack import gather_rows, stack_adapters
 
@@ -130,14 +130,8 @@ def per_example_generate(model: Any, base: Mapping, stacked: StackedLora, prompt
     ids, mask = left_pad(prompts, pad_id, min_len=min_prompt_len)
     fn = _decode_fn(model, max_new_tokens, sampling, cache_dtype or model.dtype)
     stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-    out = np.asarray(fn(base, stacked.leaves, slots, jnp.asarray(ids), jnp.asarray(mask), stops,
-                        jax.random.key(seed)))
-    stop_set = set(stop_ids)
-    results = []
-    for row in out.tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
-        results.append(row[:cut])
-    return results
+    return cut_at_stop(fn(base, stacked.leaves, slots, jnp.asarray(ids), jnp.asarray(mask), stops,
+                           jax.random.key(seed)), stop_ids)
 
 
 def _check_rows(n_names: int, n_rows: int) -> None:

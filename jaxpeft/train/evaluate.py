@@ -24,8 +24,13 @@ def eval_loss(eval_step: Callable, params: Mapping, batches: Iterable[Mapping[st
     for batch in batches:
         nll, n = eval_step(params, batch)
         total, count = total + float(nll), count + int(n)
-    loss = total / max(count, 1)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+    return {f"eval_{k}": v for k, v in loss_metrics(total, count).items()}
+
+
+def loss_metrics(nll_sum: float, count: int) -> dict[str, float]:
+    """The mean NLL of `count` target tokens, its perplexity, and the count."""
+    loss = nll_sum / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
 def even_width(n: int, most: int) -> int:
@@ -87,8 +92,7 @@ def generation_eval(
     n = max(len(examples), 1)
     out = {**{k: v / n for k, v in totals.items()}, "n": len(examples), "samples": shown}
     if answers is not None:
-        loss = nll / max(count, 1)
-        out.update(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count)
+        out.update(loss_metrics(nll, count))
     return out
 
 
