@@ -7,6 +7,7 @@ Loss-mask convention: see jaxpeft/data/encode.py (loss_mask[b, t] == 1: token t 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -130,15 +131,21 @@ class Batcher:
     def epoch_widths(self, epochs: int = 1) -> list[int]:
         """The width of every batch of the first `epochs` epochs, in order, without building them (so
         `len(...)` is the steps of that many epochs); the stream's own position is left as it was."""
-        saved = self._epoch, self._position
-        self._epoch, self._position = 0, 0
         widths = []
-        try:
+        with self._dry_pass(0):
             while self._epoch < epochs:
                 widths.append(self._next_rows()[1])
+        return widths
+
+    @contextlib.contextmanager
+    def _dry_pass(self, epoch: int):
+        """Moves to the start of `epoch` for a pass that plans batches without building them, then back."""
+        saved = self._epoch, self._position
+        self._epoch, self._position = epoch, 0
+        try:
+            yield
         finally:
             self._epoch, self._position = saved
-        return widths
 
     def _next_rows(self) -> tuple[list[list[int]], int]:
         """The next batch's rows (example indices) and width. The batch that ends an epoch is as wide as
@@ -153,14 +160,10 @@ class Batcher:
     def _widest(self, epoch: int) -> int:
         """The widest bucket epoch `epoch`'s batches need (a dry pass over it, remembered)."""
         if epoch not in self._widest_of:
-            saved = self._epoch, self._position
-            self._epoch, self._position = epoch, 0
-            try:
-                widest = 0
+            widest = 0
+            with self._dry_pass(epoch):
                 while self._epoch == epoch:
                     widest = max(widest, self._width(self._plan()))
-            finally:
-                self._epoch, self._position = saved
             self._widest_of = {epoch: widest}  # one epoch at a time is all a stream asks for
         return self._widest_of[epoch]
 
