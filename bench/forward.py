@@ -186,12 +186,18 @@ def _spawn(side: str, args: argparse.Namespace, ids_path: str, dump: str, xla_fl
     env = dict(os.environ)
     if xla_flags is not None:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+    return run_child(cmd, side, env=env)
+
+
+def run_child(cmd: list[str], side: str, *, marker: str = "BENCH_RESULT", env: dict | None = None) -> dict:
+    """Runs a bench side's subprocess and returns the JSON of its last `marker` line; a failed child (or one
+    that printed no result) stops the bench with its output's tail."""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(marker + " ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"the {side} child failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return json.loads(lines[-1][len("BENCH_RESULT "):])
+    return json.loads(lines[-1][len(marker) + 1:])
 
 
 def _rel(a: float, b: float) -> float:

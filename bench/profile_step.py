@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ if _REPO not in sys.path:  # `python bench/profile_step.py` puts bench/ first on
     sys.path.insert(0, _REPO)
 
 from bench import train_step as ts  # noqa: E402
-from bench.forward import model_folder  # noqa: E402
+from bench.forward import _time_steps, model_folder, run_child  # noqa: E402
 
 DEFAULT_DATA = "file:" + os.path.normpath(os.path.join(_REPO, "..", "shared", "data", "code_alpaca_2k.json"))
 GROUPS = ("embedding", "norms", "q/k/v/o + LoRA", "RoPE", "attention", "MLP", "head + loss", "optimizer",
@@ -74,13 +73,7 @@ def _best_s(fn: Callable[[], Any], reps: int) -> float:
     """Least seconds of `fn()` (which must sync) over `reps` calls after one untimed call: on a shared machine
     the least disturbed call is the closest to the piece's own cost (torch's small ops suffer most from a
     busy core: every OpenMP region waits for both threads)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(_time_steps(fn, reps, 0)[2])
 
 
 def _row(fwd: float, fwd_bwd: float | None, count: int, once: float = 0.0) -> dict:
@@ -357,12 +350,7 @@ def _spawn(side: str, args: argparse.Namespace, path: str) -> dict:
            f"--rank={args.rank}", f"--alpha={args.alpha}", f"--seed={args.seed}"]
     if args.model:
         cmd.append(f"--model={args.model}")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROFILE_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"the {side} child failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return json.loads(lines[-1][len("PROFILE_RESULT "):])
+    return run_child(cmd, side, marker="PROFILE_RESULT")
 
 
 def _print_table(jx: dict, tc: dict) -> None:
