@@ -15,7 +15,7 @@ import pytest
 from jaxpeft import from_transformers
 from jaxpeft.core.errors import ConfigError
 from jaxpeft.preference.logps import row_logps
-from jaxpeft.train.chunked_loss import resolve_chunk, target_nll
+from jaxpeft.train.chunked_loss import resolve_chunk, target_nll, valid_target_nll
 from jaxpeft.train.loop import TrainConfig
 from jaxpeft.train.step import head_fn, init_state, make_train_step, token_nll_sum
 
@@ -24,6 +24,9 @@ transformers = pytest.importorskip("transformers")
 
 BIG_VOCAB = 262_144  # Gemma 3's
 EXACT_FP32 = dict(atol=1e-6, rtol=1e-6)  # the brief's bound; only the order of the head-gradient sums differs
+# The counted path sums the head's weight gradient chunk by chunk in a loop (another order of fp32 sums over
+# rows whose logits reach ~30 here): within 1e-6 of the gradient's largest entry (~10), not of each entry.
+COUNTED_FP32 = dict(atol=1e-5, rtol=1e-6)
 BF16 = dict(atol=2e-2, rtol=2e-2)  # bf16 logits, rounded once; chunking changes only the order of fp32 sums
 
 
@@ -139,6 +142,44 @@ def test_train_step_with_chunks_matches_off(tiny_base):
         out[chunk] = (float(metrics["loss"]), state["params"])
     np.testing.assert_allclose(out[6][0], out[0][0], **EXACT_FP32)
     chex.assert_trees_all_close(out[6][1], out[0][1], **EXACT_FP32)
+
+
+@pytest.mark.parametrize("count", [0, 1, 11, 24, 41])
+def test_counted_targets_same_loss_and_grads_frozen_and_trained_head(tiny_base, count):
+    """`n_valid`: only the chunks holding real targets run (a loop of traced length), with a hand-written VJP:
+    per-row gradients taken in the forward for a frozen head (LoRA), a recomputing backward for a trained one.
+    Both equal the masked loss over all K slots at once, for no targets, a partial chunk, whole chunks and all."""
+    _, model, params = tiny_base(tied=True, layers=1)
+    rng = np.random.default_rng(count)
+    k = 41
+    h_KxD = jnp.asarray(rng.normal(size=(k, model.config.hidden_size)) * 3, jnp.float32)
+    t_K = jnp.asarray(rng.integers(0, model.config.vocab_size, k))
+    w_K = jnp.asarray(rng.uniform(0.5, 2.0, k), jnp.float32) * (jnp.arange(k) < count)  # cotangents of real slots
+
+    def loss(p, h, counted):
+        if counted:
+            nll = valid_target_nll(head_fn(model, p), h, t_K, jnp.int32(count), chunk=8)
+        else:
+            nll = target_nll(head_fn(model, p), h, t_K, vocab=model.config.vocab_size, loss_chunk=0)
+        return jnp.sum(nll * w_K), nll
+
+    def both(counted):
+        (l_t, nll), g_trained = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, h, counted)
+        (l_f, _), g_frozen = jax.value_and_grad(lambda x: loss(params, x, counted), has_aux=True)(h)
+        return l_t, l_f, nll, g_trained, g_frozen
+
+    h = h_KxD
+    ref, new = jax.jit(lambda: (both(False), both(True)))()
+    np.testing.assert_allclose(float(new[0]), float(ref[0]), **EXACT_FP32)
+    np.testing.assert_allclose(float(new[1]), float(ref[1]), **EXACT_FP32)
+    np.testing.assert_allclose(np.asarray(new[2])[:count], np.asarray(ref[2])[:count], **EXACT_FP32)
+    chunks_run = -(-count // 8) * 8
+    assert not np.any(np.asarray(new[2])[chunks_run:])  # slots past the last real chunk are never computed
+    chex.assert_trees_all_close(new[3], ref[3], **COUNTED_FP32)
+    chex.assert_trees_all_close(new[4], ref[4], **EXACT_FP32)
+    if count:
+        assert float(jnp.abs(new[3][0]["model"]["embed_tokens"]["embedding"]).sum()) > 0
+        assert float(jnp.abs(new[4]).sum()) > 0
 
 
 def test_head_memory_at_8k_targets_at_most_a_quarter(gemma_big_vocab):

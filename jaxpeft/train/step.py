@@ -52,7 +52,7 @@ def token_nll_sum(model: Any, params: Mapping, batch: Batch, max_targets: int, r
     h_KxD = hidden[:, :-1].reshape(b * (s - 1), d)[idx_K]
     targets_K = ids[:, 1:].reshape(-1)[idx_K]
     nll_K = target_nll(head_fn(model, params), h_KxD, targets_K, vocab=model.config.vocab_size,
-                       loss_chunk=loss_chunk)
+                       loss_chunk=loss_chunk, n_valid=jnp.sum(valid_K))
     return jnp.sum(jnp.where(valid_K, nll_K, 0.0)), jnp.sum(valid_K)
 
 
