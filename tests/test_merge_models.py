@@ -4,8 +4,8 @@ Each configuration is merged by mergekit 0.1.5 (`mergekit.merge.run_merge`, what
 this process so torch is imported once) and by jaxpeft, from the same YAML text, and every tensor, name
 and dtype is compared (tolerances.MERGEKIT_*). The tiny Llamas: a base and three fine-tunes with distinct
 structured deltas (a rank-2 part of alternating sign plus noise, at scales 0.01, 0.03, 0.07), 4 layers.
-mergekit's output of a configuration is made once per module (`merged`). Skipped without mergekit
-(`pip install --no-deps mergekit==0.1.5 immutables`).
+mergekit's output of a configuration is made once per module (`merged`). Skipped without mergekit (in the
+dev extra: `pip install -e ".[dev]"`).
 """
 
 from __future__ import annotations
