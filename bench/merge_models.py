@@ -55,6 +55,16 @@ dtype: bfloat16
 """
 
 
+def tool_commands(d: Path, chunk_mb: int) -> dict[str, list[str]]:
+    """Both tools' command lines for DIR/ties.yml, writing DIR/out_jaxpeft and DIR/out_mergekit."""
+    return {
+        "jaxpeft": [sys.executable, "-m", "experiments.merge_models", f"--config={d}/ties.yml",
+                    f"--out={d}/out_jaxpeft", "--noprogress", f"--chunk_mb={chunk_mb}"],
+        "mergekit": [sys.executable, "-m", "mergekit.scripts.run_yaml", f"{d}/ties.yml", f"{d}/out_mergekit",
+                     "--lazy-unpickle", "--no-copy-tokenizer"],
+    }
+
+
 def timed(argv: list[str], log: Path) -> dict:
     """argv under /usr/bin/time -v: {rc, wall_s, peak_rss_gb} (GB = 1e9), output in `log`."""
     with open(log, "w") as f:
@@ -73,21 +83,22 @@ def machine() -> str:
     return f"load {os.getloadavg()[0]:.2f}, {avail / 1e6:.1f} GB available"
 
 
-def compare(a: Path, b: Path, names: list[str]) -> dict:
-    """Fraction of entries that differ, and the largest difference in bf16 ulps of the tensor's peak."""
+def read_tensor(folder: Path, name: str) -> np.ndarray:
+    """One tensor of a (sharded or single-file) safetensors folder, as stored (bf16 through ml_dtypes)."""
     from safetensors import safe_open
 
     importlib.import_module("ml_dtypes")  # registers bf16 for safetensors' numpy reader
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"] if (
+        folder / "model.safetensors.index.json").exists() else {name: "model.safetensors"}
+    with safe_open(str(folder / index[name]), framework="numpy") as f:
+        return f.get_tensor(name)
 
-    def get(folder: Path, name: str) -> np.ndarray:
-        index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"] if (
-            folder / "model.safetensors.index.json").exists() else {name: "model.safetensors"}
-        with safe_open(str(folder / index[name]), framework="numpy") as f:
-            return f.get_tensor(name).astype(np.float32)
 
+def compare(a: Path, b: Path, names: list[str]) -> dict:
+    """Fraction of entries that differ, and the largest difference in bf16 ulps of the tensor's peak."""
     out = {}
     for name in names:
-        x, y = get(a, name), get(b, name)
+        x, y = read_tensor(a, name).astype(np.float32), read_tensor(b, name).astype(np.float32)
         ulp = 2.0 ** (np.floor(np.log2(np.abs(x).max())) - 7)
         out[name] = {"differ": round(float((x != y).mean()), 4), "max_ulps": float(np.abs(x - y).max() / ulp)}
     return out
@@ -114,12 +125,7 @@ def main() -> None:
                             hidden=args.hidden, intermediate=args.intermediate, heads=32, kv_heads=8)
             print(f"generated {d / name}: {info}", file=sys.stderr, flush=True)
     (d / "ties.yml").write_text(CONFIG.format(d=d))
-    commands = {
-        "jaxpeft": [sys.executable, "-m", "experiments.merge_models", f"--config={d}/ties.yml",
-                    f"--out={d}/out_jaxpeft", "--noprogress", f"--chunk_mb={args.chunk_mb}"],
-        "mergekit": [sys.executable, "-m", "mergekit.scripts.run_yaml", f"{d}/ties.yml", f"{d}/out_mergekit",
-                     "--lazy-unpickle", "--no-copy-tokenizer"],
-    }
+    commands = tool_commands(d, args.chunk_mb)
     results = {}
     for tool in filter(None, args.tools.split(",")):
         shutil.rmtree(d / f"out_{tool}", ignore_errors=True)

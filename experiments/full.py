@@ -16,9 +16,12 @@ from absl import app, flags
 from experiments.common import define_run_flags, method_main, run_cli, run_in_process
 
 
+# 5e-5: the usual full fine-tuning rate (transformers' Trainer default); LoRA's 1e-3 would wreck the base.
+DEFAULT_LR = 5e-5
+
+
 def define_flags(fv: flags.FlagValues) -> None:
-    # 5e-5: the usual full fine-tuning rate (transformers' Trainer default); LoRA's 1e-3 would wreck the base.
-    define_run_flags(fv, default_steps=100, default_lr=5e-5)
+    define_run_flags(fv, default_steps=100, default_lr=DEFAULT_LR)
 
 
 def full_config_from_flags(fv: flags.FlagValues):

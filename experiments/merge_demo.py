@@ -47,28 +47,52 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("progress", True, "Progress bars while training.", flag_values=fv)
 
 
-def _train(fv: flags.FlagValues, out: Path, task: str) -> Path:
+def train_run(fv: flags.FlagValues, out: Path, task: str, method: str, method_cfg, *, lr: float, result: str) -> Path:
+    """`run_finetune` of `method` on builtin:`task` into out/`task` (the main job's settings: --steps, batch 8,
+    --eval_examples); returns its `result` folder ("adapter" or "model"), reused under --reuse if it exists."""
     from jaxpeft.methods import get_method
-    from jaxpeft.methods.lora import LoraConfig
     from jaxpeft.train.run import RunConfig, run_finetune
 
     run = out / task
-    if fv.reuse and (run / "adapter" / "adapter_config.json").exists():
-        return run / "adapter"
+    if fv.reuse and (run / result / ("adapter_config.json" if result == "adapter" else "config.json")).exists():
+        return run / result
     cfg = RunConfig(out=str(run), model=fv.model, dataset=f"builtin:{task}", steps=fv.steps, batch_size=8,
-                    lr=1e-3, eval_examples=fv.eval_examples, overwrite=True, progress=fv.progress)
+                    lr=lr, eval_examples=fv.eval_examples, overwrite=True, progress=fv.progress)
+    run_finetune(cfg, get_method(method), method_cfg)
+    return run / result
+
+
+def _train(fv: flags.FlagValues, out: Path, task: str) -> Path:
+    from jaxpeft.methods.lora import LoraConfig
+
     lora = LoraConfig(r=fv.rank, lora_alpha=2.0 * fv.rank,
                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
-    run_finetune(cfg, get_method("lora"), lora)
-    return run / "adapter"
+    return train_run(fv, out, task, "lora", lora, lr=1e-3, result="adapter")
 
 
-def _examples(fv: flags.FlagValues, tokenizer, task: str):
+def held_out(tokenizer, task: str, n: int):
+    """(prompts with references, the task) for the first `n` held-out records of builtin:`task`."""
     from jaxpeft import data
     from jaxpeft.data import tasks
 
     _, eval_records = data.load_records(f"builtin:{task}", seed=0)
-    return data.eval_prompts(tokenizer, eval_records[: fv.eval_examples]), tasks.get_task(task)
+    return data.eval_prompts(tokenizer, eval_records[:n]), tasks.get_task(task)
+
+
+def exact_match(model, params, tokenizer, examples) -> dict[str, float]:
+    """Greedy exact match of `params` on each task's held-out examples ({task: held_out(...)})."""
+    from jaxpeft.train.evaluate import generation_eval
+
+    return {t: generation_eval(model, params, tokenizer, prompts, task.score,
+                               max_new_tokens=task.max_new_tokens)["exact_match"]
+            for t, (prompts, task) in examples.items()}
+
+
+def print_table(title: str, table: dict[str, dict[str, float]], task_names: Sequence[str]) -> None:
+    print(f"\n{title}")
+    print(f"| model | {' | '.join(task_names)} |\n|---|{'---|' * len(task_names)}")
+    for label, row in table.items():
+        print(f"| {label} | {' | '.join(f'{row[t]:.2f}' for t in task_names)} |")
 
 
 def _served_together(reg, tokenizer, names, examples) -> dict[str, float]:
@@ -99,7 +123,6 @@ def main(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     import jaxpeft
     from jaxpeft.merge.folders import MergeConfig, merge_folders
     from jaxpeft.multi import AdapterRegistry
-    from jaxpeft.train.evaluate import generation_eval
 
     out = Path(fv.out)
     task_names = list(fv.tasks)
@@ -118,7 +141,7 @@ def main(fv: flags.FlagValues, argv: Sequence[str]) -> None:
         reg.load(t, adapters[t])
     for name in merges:
         reg.load(name, out / name / "adapter")
-    examples = {t: _examples(fv, tokenizer, t) for t in task_names}
+    examples = {t: held_out(tokenizer, t, fv.eval_examples) for t in task_names}
     table: dict[str, dict[str, float]] = {}
     for label, active in [("base", None), *[(f"{t} adapter", t) for t in task_names], *[(f"{m} merge", m)
                                                                                           for m in merges]]:
@@ -126,20 +149,15 @@ def main(fv: flags.FlagValues, argv: Sequence[str]) -> None:
             reg.disable_adapters()
         else:
             reg.set_adapter(active)
-        params = reg.params()
-        table[label] = {t: generation_eval(model, params, tokenizer, prompts, task.score,
-                                           max_new_tokens=task.max_new_tokens)["exact_match"]
-                        for t, (prompts, task) in examples.items()}
+        table[label] = exact_match(model, reg.params(), tokenizer, examples)
     table["served together (one batch, per-row adapters)"] = _served_together(
         reg, tokenizer, {t: t for t in task_names}, examples)
     result = {"tasks": task_names, "steps": fv.steps, "rank": fv.rank, "eval_examples": fv.eval_examples,
               "merges": {n: {"weights": list(m.weights), "density": m.density} for n, m in merges.items()},
               "exact_match": table, "wall_s": round(time.perf_counter() - start, 1)}
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nheld-out exact match ({fv.eval_examples} examples per task; {fv.steps} steps per adapter)")
-    print(f"| model | {' | '.join(task_names)} |\n|---|{'---|' * len(task_names)}")
-    for label, row in table.items():
-        print(f"| {label} | {' | '.join(f'{row[t]:.2f}' for t in task_names)} |")
+    print_table(f"held-out exact match ({fv.eval_examples} examples per task; {fv.steps} steps per adapter)",
+                table, task_names)
 
 
 def run(argv: Sequence[str]) -> int:

@@ -4,8 +4,8 @@ Each configuration is merged by mergekit 0.1.5 (`mergekit.merge.run_merge`, what
 this process so torch is imported once) and by jaxpeft, from the same YAML text, and every tensor, name
 and dtype is compared (tolerances.MERGEKIT_*). The tiny Llamas: a base and three fine-tunes with distinct
 structured deltas (a rank-2 part of alternating sign plus noise, at scales 0.01, 0.03, 0.07), 4 layers.
-mergekit's output of a configuration is made once per module (`merged`). Skipped without mergekit
-(`pip install --no-deps mergekit==0.1.5 immutables`).
+mergekit's output of a configuration is made once per module (`merged`). Skipped without mergekit (in the
+dev extra: `pip install -e ".[dev]"`).
 """
 
 from __future__ import annotations
@@ -374,3 +374,45 @@ def test_tiny_chunks_give_the_same_folder(merged, models, tmp_path, name):
     for k, v in ours.items():
         assert chunked[k].dtype == v.dtype
         np.testing.assert_array_equal(chunked[k].view(np.uint8), v.view(np.uint8), err_msg=k)
+
+
+@pytest.mark.slow(reason="a bf16 ties merge by each tool on fresh random models (~3 s)")
+@pytest.mark.parametrize("untied", [False, True])
+def test_bf16_ties_differ_only_at_the_cut(tmp_path, untied):
+    """Random bf16 models whose deltas tie at the density cut (bench.merge_ties, smaller): every entry of both
+    outputs is mergekit's bf16 ties of a keep/drop choice that departs from the forced one only where |delta|
+    equals the k-th magnitude; with the cut made unique (`untie`) the outputs are within one bf16 ulp."""
+    from bench.big_model import generate
+    from bench.merge_models import CONFIG
+    from bench.merge_ties import DENSITY, WEIGHT, tie_check, untie
+
+    for seed, name in enumerate(("base", "ft0", "ft1")):
+        generate(tmp_path / name, 1, 2.0, seed, tokenizer=False, vocab=190, fast=True, hidden=96, intermediate=160,
+                 heads=4, kv_heads=2)
+    if untied:
+        assert untie(tmp_path, DENSITY)
+    text = CONFIG.format(d=tmp_path)
+    (tmp_path / "ties.yml").write_text(text)
+    merge_config_file(tmp_path / "ties.yml", tmp_path / "ours", MergeOptions(progress=False))
+    kit, ours = _mergekit(text, tmp_path / "kit"), _load(tmp_path / "ours")
+    base, fts = _load(tmp_path / "base"), [_load(tmp_path / "ft0"), _load(tmp_path / "ft1")]
+    assert sorted(kit) == sorted(ours) == sorted(base)
+    checks = {k: tie_check(base[k], [f[k] for f in fts], {"mergekit": kit[k], "jaxpeft": ours[k]}, [WEIGHT] * 2,
+                           DENSITY) for k in base}
+    for k, c in checks.items():
+        assert c["differ_untied"] == 0 and c["unexplained"] == {"mergekit": 0, "jaxpeft": 0}, (k, c)
+        if untied:
+            assert c["max_ulps"] <= tolerances.MERGEKIT_BF16_ULPS, (k, c)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert min(checks[name]["tied"]) > 1  # the check is not vacuous: several entries share the k-th magnitude
+    if not untied:  # and it sees a difference that is not a tie-break: one untied entry moved by one ulp
+        from bench.merge_ties import _bf16, kth_magnitude
+
+        d = [_bf16(f[name].astype(np.float32) - base[name].astype(np.float32)) for f in fts]
+        free = np.logical_or.reduce([np.abs(x) == kth_magnitude(x, DENSITY) for x in d])
+        i = np.flatnonzero(~free.reshape(-1))[0]
+        bad = ours[name].copy()
+        bad.reshape(-1).view(np.uint16)[i] += 1  # the next bf16 value
+        c = tie_check(base[name], [f[name] for f in fts], {"mergekit": kit[name], "jaxpeft": bad}, [WEIGHT] * 2,
+                      DENSITY)
+        assert c["unexplained"]["jaxpeft"] == 1 and c["differ_untied"] >= 1, c
