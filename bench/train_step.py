@@ -230,6 +230,14 @@ def build_inputs(args: argparse.Namespace, folder: str) -> tuple[dict[str, np.nd
                 f"{batches[0]['attention_mask'].sum(1).tolist()}, targets per row "
                 f"{batches[0]['loss_mask'][:, 1:].sum(1).tolist()}")
     dynamic = args.data.startswith("file:")
+    return stack_inputs(args, batches, k, info, dynamic=dynamic), {"desc": desc, "dynamic_padding": dynamic}
+
+
+def stack_inputs(args: argparse.Namespace, batches: list[dict[str, np.ndarray]], k: int, info: dict, *,
+                 dynamic: bool) -> dict[str, np.ndarray]:
+    """`build_inputs`' arrays from a list of batches (each padded on the right to the widest, so any widths
+    stack), the torch side's columns per batch (with `dynamic`, its longest real row: dynamic padding) and the
+    LoRA A matrices both sides start from (`info`: `_lora_in_dims`)."""
     torch_len = [int(x["attention_mask"].sum(1).max()) if dynamic else x["input_ids"].shape[1] for x in batches]
     rng = np.random.default_rng(args.seed + 1)
     lora_a = {}
@@ -238,10 +246,12 @@ def build_inputs(args: argparse.Namespace, folder: str) -> tuple[dict[str, np.nd
             in_dim = info["dims"][name][0]
             bound = 1.0 / math.sqrt(in_dim)  # PEFT: kaiming_uniform_(a=sqrt(5)) on the (R, I) weight
             lora_a[f"lora_a/{layer}/{name}"] = rng.uniform(-bound, bound, (in_dim, args.rank)).astype(np.float32)
-    stacked = {key: np.stack([np.asarray(x[key], np.int32) for x in batches])
+    width = max(x["input_ids"].shape[1] for x in batches)
+    stacked = {key: np.stack([np.pad(np.asarray(x[key], np.int32), ((0, 0), (0, width - x[key].shape[1])))
+                              for x in batches])
                for key in ("input_ids", "loss_mask", "attention_mask")}
     extra = {"torch_len": np.asarray(torch_len, np.int32), "max_targets": np.asarray(k, np.int32)}
-    return stacked | extra | lora_a, {"desc": desc, "dynamic_padding": dynamic}
+    return stacked | extra | lora_a
 
 
 def _batch_list(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
