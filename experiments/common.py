@@ -146,7 +146,7 @@ def define_run_flags(fv: flags.FlagValues, default_steps: int = 200, default_lr:
                       "(jax.checkpoint_policies offload); refused on the CPU.", flag_values=fv)
     flags.DEFINE_enum("attention", "auto", ["auto", "dense", "blockwise", "cudnn"],
                       "Attention implementation: auto picks cuDNN on a GPU where it applies, blockwise (memory "
-                      "linear in the sequence) for sequences of 1024+ tokens, else dense.", flag_values=fv)
+                      "linear in the sequence) for sequences of 512+ tokens (1024+ with --remat on the CPU), else dense.", flag_values=fv)
     flags.DEFINE_integer("attention_block", 512, "Query / key block of the blockwise attention.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed for init, data order and dropout.", flag_values=fv)
     flags.DEFINE_integer("eval_every", 0, "Evaluate every N steps (0 = only before and after).", flag_values=fv)

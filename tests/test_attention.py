@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpeft.kernels.attention import (Case, attention, blockwise_attention, choose, dense_attention,
+from jaxpeft.kernels.attention import (Case, attention, auto_for_remat, blockwise_attention, choose, dense_attention,
                                        make_mask, supports)
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.families import build_model
@@ -179,8 +179,12 @@ def test_the_gate_says_why_and_auto_picks_by_platform_and_length():
         assert not ok and words in reason, (change, reason)
         assert choose(dataclasses.replace(gpu, **change)) == "blockwise"
     cpu = dataclasses.replace(gpu, platform="cpu")
-    assert choose(dataclasses.replace(cpu, s=512, t=512)) == "dense"
+    assert choose(dataclasses.replace(cpu, s=511, t=511)) == "dense"
+    assert choose(dataclasses.replace(cpu, s=512, t=512)) == "blockwise"
     assert choose(dataclasses.replace(cpu, s=1, t=8192)) == "dense"  # decoding
+    # A rematerialised CPU step keeps dense below 1,024 tokens (the blockwise VJP under remat compiles slowly).
+    assert auto_for_remat("auto", 512, True) == "dense" and auto_for_remat("auto", 1024, True) == "auto"
+    assert auto_for_remat("auto", 512, False) == "auto" and auto_for_remat("blockwise", 512, True) == "blockwise"
     with pytest.raises(NotImplementedError, match="GPU only"):
         choose(cpu, "cudnn")
     with pytest.raises(Exception, match="expected one of"):

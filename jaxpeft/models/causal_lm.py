@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.kernels.attention import CHOICES as ATTENTION_CHOICES
-from jaxpeft.kernels.attention import DEFAULT_BLOCK, AttentionMask, make_mask
+from jaxpeft.kernels.attention import DEFAULT_BLOCK, AttentionMask, auto_for_remat, make_mask
 from jaxpeft.models import hooks
 
 Cache = dict[str, Any]
@@ -59,7 +59,7 @@ class CausalLM(nn.Module):
         b, s = input_ids_BxS.shape
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention={self.attention!r}: expected one of {list(ATTENTION_CHOICES)}")
-        options = dict(implementation=self.attention, block=self.attention_block)
+        options = dict(implementation=auto_for_remat(self.attention, s, self.remat), block=self.attention_block)
         unpadded = attention_mask_BxS is None  # then trivially right padded (cuDNN's key lengths apply)
         if attention_mask_BxS is None:
             attention_mask_BxS = jnp.ones((b, s), jnp.int32)

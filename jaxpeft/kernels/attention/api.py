@@ -8,7 +8,8 @@ path as the reference):
   VJP, in plain JAX: linear memory on any backend, every mask case.
 - "cudnn": `cudnn.cudnn_attention` (GPU only): bf16/fp16, causal, GQA, right padding, sliding windows.
 - "auto" picks cudnn where it is supported, else blockwise when the queries and the keys are both at
-  least `BLOCKWISE_MIN_LEN` long, else dense.
+  least `BLOCKWISE_MIN_LEN` long (`REMAT_BLOCKWISE_MIN_LEN` for a rematerialised CPU step: `auto_for_remat`),
+  else dense.
 
 The mask case a call needs (`Case`) is static (shapes, dtype, which mask parts are present), so the
 choice is made at trace time. Forcing an implementation that does not support the case raises
@@ -35,8 +36,13 @@ from jaxpeft.kernels.attention.mask import AttentionMask
 IMPLEMENTATIONS = ("dense", "blockwise", "cudnn")
 CHOICES = ("auto", *IMPLEMENTATIONS)
 # Below this many queries (or keys) auto keeps the dense path: its S*T scores are small, and decoding
-# (S = 1) gains nothing from blocks. bench/step_memory.py: at 1k tokens dense's step is already 4.6 GB.
-BLOCKWISE_MIN_LEN = 1024
+# (S = 1) gains nothing from blocks. At 512 the dense scores already cost more than blocks: SmolLM2's LoRA
+# step on 4 packed rows of 512 took 14.6 s dense, 11.5 s in blocks of 512, 10.1 s in blocks of 256 (2-core
+# EPYC, 2026-12-02); at 96-256 tokens the two are within 3 % and dense compiles 1.5-2.5 s faster.
+BLOCKWISE_MIN_LEN = 512
+# With remat, auto keeps dense below this length: the blockwise VJP under remat compiled for minutes at 1k
+# tokens on the CPU (BUILD_NOTES' known limits), so it is chosen there only where its memory is needed.
+REMAT_BLOCKWISE_MIN_LEN = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +114,14 @@ def choose(case: Case, implementation: str = "auto") -> str:
     return implementation
 
 
+def auto_for_remat(implementation: str, s: int, remat: Any) -> str:
+    """The implementation a model with `remat` on passes for `s`-token calls: "dense" instead of "auto" on the CPU
+    below REMAT_BLOCKWISE_MIN_LEN (see there); anything else unchanged."""
+    if implementation == "auto" and remat and s < REMAT_BLOCKWISE_MIN_LEN and jax.default_backend() == "cpu":
+        return "dense"
+    return implementation
+
+
 def case_of(q_BxSxHxE: jax.Array, k_BxTxKxE: jax.Array, mask: AttentionMask, dtype: Any, *,
             logit_cap: float | None = None) -> Case:
     """The static `Case` of one call."""
@@ -136,4 +150,5 @@ def attention(q_BxSxHxE: jax.Array, k_BxTxKxE: jax.Array, v_BxTxKxE: jax.Array, 
                                block_q=mask.block, block_k=mask.block)
 
 
-__all__ = ["BLOCKWISE_MIN_LEN", "CHOICES", "Case", "IMPLEMENTATIONS", "attention", "case_of", "choose", "supports"]
+__all__ = ["BLOCKWISE_MIN_LEN", "CHOICES", "Case", "IMPLEMENTATIONS", "REMAT_BLOCKWISE_MIN_LEN", "attention",
+           "auto_for_remat", "case_of", "choose", "supports"]
