@@ -92,6 +92,7 @@ def run_peft(args: argparse.Namespace, folder: str, path: str, tmp: str) -> dict
     npz = os.path.join(tmp, "peft_inputs.npz")
     np.savez(npz, **inputs)
     res = ts._spawn("torch", child, npz)
+    res["epoch_steps"] = len(batches)
     res["epoch_real_tokens"] = int(sum(int(b["attention_mask"].sum()) for b in batches))
     res["timed_s"] = res["real_tokens_timed"] / res["real_tokens_per_s"]
     res["widths"] = [int(b["attention_mask"].sum(1).max()) for b in batches]
@@ -133,7 +134,7 @@ def run_jaxpeft(args: argparse.Namespace, folder: str, path: str, tmp: str) -> d
         raise SystemExit(f"expected one metrics record per step, got steps {steps}")
     times = [arrivals[s] - arrivals[s - 1] for s in steps[1:]]
     timed_real = sum(real[1:len(steps)])
-    return {"side": "jax", "steps": len(steps), "timed_s": sum(times), "median_s": float(np.median(times)),
+    return {"side": "jax", "epoch_steps": len(steps), "timed_s": sum(times), "median_s": float(np.median(times)),
             "first_step_s": arrivals[1] - t0, "real_tokens_timed": timed_real,
             "real_tokens_per_s": timed_real / sum(times), "epoch_real_tokens": int(sum(real)),
             "rows_real_fraction": float(np.mean([b["attention_mask"].mean() for b in batches])),
@@ -155,14 +156,13 @@ def main(argv=None) -> int:
         r["epoch_s"] = r["timed_s"] * r["epoch_real_tokens"] / r["real_tokens_timed"]
     print(f"data: the first {args.records} records of {args.data}, --seq_len={args.seq} --batch_size={args.batch}, "
           f"LoRA r16 q,k,v,o fp32; load average before {load0[0]:.2f}, after {load1[0]:.2f} on {os.cpu_count()} CPUs")
-    print(f"PEFT (dynamic padding, {peft_res['steps'] + 1} steps of {args.batch}, widths {peft_res['widths']})")
-    print(f"jaxpeft (the CLI's defaults: packing, {jax_res['steps']} steps of {args.batch} rows, widths "
+    print(f"PEFT (dynamic padding, {peft_res['epoch_steps']} steps of {args.batch}, widths {peft_res['widths']})")
+    print(f"jaxpeft (the CLI's defaults: packing, {jax_res['epoch_steps']} steps of {args.batch} rows, widths "
           f"{jax_res['widths']}; real tokens {jax_res['rows_real_fraction']:.0%} of the slots)")
     print(f"{'side':8s} {'steps':>5s} {'timed s':>8s} {'median s':>8s} {'real tok/s':>10s} {'epoch tokens':>12s} "
           f"{'epoch s':>8s} {'first s':>8s}")
     for name, r in (("jaxpeft", jax_res), ("PEFT", peft_res)):
-        steps = r["steps"] + (1 if r is peft_res else 0)
-        print(f"{name:8s} {steps:5d} {r['timed_s']:8.1f} {r['median_s']:8.2f} {r['real_tokens_per_s']:10.1f} "
+        print(f"{name:8s} {r['epoch_steps']:5d} {r['timed_s']:8.1f} {r['median_s']:8.2f} {r['real_tokens_per_s']:10.1f} "
               f"{r['epoch_real_tokens']:12d} {r['epoch_s']:8.1f} {r['first_step_s']:8.1f}")
     ratio = jax_res["epoch_s"] / peft_res["epoch_s"]
     print(f"jaxpeft / PEFT: epoch time (first step left out, scaled to the epoch's real tokens) x{ratio:.2f} "
