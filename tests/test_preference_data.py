@@ -3,14 +3,18 @@ model's chat template), the batch layout, truncation, the bundled task and the e
 
 from __future__ import annotations
 
+import re
 import types
 
 import numpy as np
 import pytest
 
 from jaxpeft.core.errors import ConfigError
+from jaxpeft.data.tasks import get_task
 from jaxpeft.preference.data import PairBatcher, encode_pairs, pair_rows, tokenize_pair
 from jaxpeft.preference.tasks import load_preference_task
+
+score_dates = get_task("dates").score
 
 STRINGS = [{"prompt": "Rewrite 5 March 2021 as ISO: ", "chosen": "2021-03-05", "rejected": "2021-05-03"},
            {"prompt": "What is 2+2?", "chosen": " 4", "rejected": " five, I think"}]
@@ -94,14 +98,28 @@ def test_chosen_equal_rejected_everywhere_and_too_long_completion(smollm2_tokeni
         encode_pairs(smollm2_tokenizer, [STRINGS[1], long], seq_len=16)
 
 
-def test_dates_pref_is_deterministic_disjoint_and_wrong():
+def test_dates_pref_is_deterministic_disjoint_and_wrong_in_the_base_models_three_ways():
     train, held = load_preference_task("dates-pref", seed=0, n_train=300, n_eval=100)
     again, _ = load_preference_task("dates-pref", seed=0, n_train=300, n_eval=100)
     assert train == again
     answers = lambda rs: {r["chosen"][0]["content"] for r in rs}  # noqa: E731
     assert not answers(train) & answers(held)
+    iso = re.compile(r"\d{4}-\d{2}-\d{2}")
+    kinds = {"wrong date": 0, "not rewritten": 0, "chatter": 0}
     for r in train + held:
         chosen, rejected = r["chosen"][0]["content"], r["rejected"][0]["content"]
-        assert chosen != rejected and len(rejected) == 10 and rejected[4] == rejected[7] == "-"
-    kinds = {sum(a != b for a, b in zip(r["chosen"][0]["content"], r["rejected"][0]["content"])) for r in train}
-    assert len(kinds) >= 2  # several kinds of plausible mistakes, not one
+        assert iso.fullmatch(chosen) and chosen != rejected
+        assert score_dates(rejected, chosen)["exact_match"] == 0.0
+        if iso.fullmatch(rejected):  # an ISO date, but not this one
+            kinds["wrong date"] += 1
+        elif chosen in rejected:  # the right date inside a sentence
+            kinds["chatter"] += 1
+            assert len(rejected) > len(chosen) + 10
+        else:  # the date left in a human style
+            assert not iso.search(rejected) and chosen[:4] in rejected
+            kinds["not rewritten"] += 1
+    n = len(train + held)
+    assert all(0.25 * n < k < 0.42 * n for k in kinds.values()), kinds  # about a third each
+    echoed = sum(r["rejected"][0]["content"].lower() == r["prompt"][0]["content"].rsplit("\n", 1)[-1].lower()
+                 for r in train)
+    assert echoed > 30  # the base's most common failure: the input given back

@@ -138,6 +138,11 @@ def _date_pool(split: str) -> list[datetime.date]:
     return [d for d in all_dates if date_split_of(d) == split]
 
 
+def num_date_styles() -> int:
+    """How many input styles `render_date` knows."""
+    return len(_DATE_STYLES)
+
+
 def render_date(date: datetime.date, style: int) -> str:
     """Writes `date` in input style number `style` (0 <= style < number of styles)."""
     return _DATE_STYLES[style](date)
