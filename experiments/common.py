@@ -73,6 +73,7 @@ FLAG_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "rank": (1, None, False, False), "alpha": (0, None, True, False), "dropout": (0, 1, False, True),
     "reduction_factor": (0, None, True, False), "num_virtual_tokens": (1, None, False, False),
     "encoder_hidden_size": (1, None, False, False), "blocksize": (1, None, False, False),
+    "beta": (0, None, True, False), "label_smoothing": (0, 0.5, False, True), "sft_weight": (0, None, False, False),
 }
 
 

@@ -39,6 +39,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
     flags.DEFINE_float("label_smoothing", 0.0, "Conservative DPO's label noise eps in [0, 0.5) (dpo only).",
                        flag_values=fv)
+    flags.DEFINE_float("sft_weight", 0.0, "dpo / ipo: add this times the chosen answers' mean token NLL (TRL's "
+                       "loss_type=[..., 'sft'] with loss_weights=[1, w], RPO); 0: the plain loss.", flag_values=fv)
     flags.DEFINE_integer("max_prompt_len", None, "Keep only the prompt's last N tokens.", flag_values=fv)
     flags.DEFINE_string("init_adapter", None, "Start from this PEFT LoRA folder (e.g. an SFT adapter); the "
                         "reference is it, frozen as loaded.", flag_values=fv)
@@ -57,7 +59,8 @@ def main(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     from jaxpeft.preference.step import PreferenceConfig
 
     pref = PreferenceConfig(loss=fv.loss, beta=fv.beta, label_smoothing=fv.label_smoothing,
-                            max_prompt_len=fv.max_prompt_len, init_adapter=fv.init_adapter)
+                            max_prompt_len=fv.max_prompt_len, init_adapter=fv.init_adapter,
+                            sft_weight=fv.sft_weight)
     cfg = run_config_from_flags(fv, fv.loss)
     loader = None
     if fv.method == "qlora":

@@ -66,20 +66,21 @@ def setup(tiny_base, tmp_path_factory):
 _JITTED: dict = {}
 
 
-def _ours(setup, loss: str, beta: float, eps: float):
-    """Our loss, metrics and LoRA gradients; one compilation per loss kind (beta and eps are traced)."""
+def _ours(setup, loss: str, beta: float, eps: float, sft: float = 0.0):
+    """Our loss, metrics and LoRA gradients; one compilation per loss kind and sft weight (beta and eps are
+    traced)."""
     model, params, cfg, _, (ids, attn, comp) = setup
     lora = Lora()
     trainable, frozen = split_trainable(params, lora.labels(params, cfg))
     batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(attn), "loss_mask": jnp.asarray(comp)}
-    if loss not in _JITTED:
+    if (loss, sft) not in _JITTED:
         def f(tr, fr, batch, beta, eps):
             seq = sequence_stats(model, combine(fr, tr), batch, max_targets=2 * PAIRS * SEQ,
                                  is_added=lambda p: lora.is_added(p, cfg), loss=loss)
-            return preference_loss(loss, seq, beta=beta, label_smoothing=eps)
+            return preference_loss(loss, seq, beta=beta, label_smoothing=eps, sft_weight=sft)
 
-        _JITTED[loss] = jax.jit(jax.value_and_grad(f, has_aux=True))
-    (value, metrics), grads = _JITTED[loss](trainable, frozen, batch, jnp.float32(beta), jnp.float32(eps))
+        _JITTED[loss, sft] = jax.jit(jax.value_and_grad(f, has_aux=True))
+    (value, metrics), grads = _JITTED[loss, sft](trainable, frozen, batch, jnp.float32(beta), jnp.float32(eps))
     return float(value), {k: float(v) for k, v in metrics.items()}, flatten_params(grads)
 
 
@@ -100,7 +101,7 @@ class _Accelerator:
     gather_for_metrics = gather
 
 
-def _trl_dpo(setup, loss_type: str, beta: float, eps: float, pairs: int = PAIRS):
+def _trl_dpo(setup, loss_type: str, beta: float, eps: float, pairs: int = PAIRS, sft: float = 0.0):
     from trl.trainer.dpo_trainer import DPOTrainer
 
     _, _, _, pm, (ids, attn, comp) = setup
@@ -116,8 +117,8 @@ def _trl_dpo(setup, loss_type: str, beta: float, eps: float, pairs: int = PAIRS)
 
     stub = types.SimpleNamespace(
         model=types.SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False,
-        ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
-        loss_weights=[1.0], beta=beta, label_smoothing=eps, use_weighting=False,
+        ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+        loss_types=[loss_type, "sft"] if sft else [loss_type], loss_weights=[1.0, sft] if sft else [1.0], beta=beta, label_smoothing=eps, use_weighting=False,
         _metrics={"train": collections.defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
         args=types.SimpleNamespace())
     inputs = {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(attn),
@@ -159,6 +160,20 @@ def test_dpo_ipo_match_trl(setup, loss, trl_loss, beta, eps):
     _check_grads(grads, setup[3])
 
 
+@pytest.mark.parametrize("loss,trl_loss", [("dpo", "sigmoid"), ("ipo", "ipo")])
+def test_sft_weight_matches_trls_multi_loss_with_sft(setup, loss, trl_loss):
+    """--sft_weight=w is TRL's loss_type=[<loss>, "sft"], loss_weights=[1, w] (RPO)."""
+    beta, w = 0.1, 0.6
+    value, metrics, grads = _ours(setup, loss, beta, 0.0, sft=w)
+    trl_value, trl_metrics = _trl_dpo(setup, trl_loss, beta, 0.0, sft=w)
+    assert abs(value - trl_value) < 1e-5, (value, trl_value)
+    for k in DPO_METRICS:
+        assert abs(metrics[k] - trl_metrics[k]) < 1e-5, (k, metrics[k], trl_metrics[k])
+    plain, _, _ = _ours(setup, loss, beta, 0.0)
+    assert value - plain > 0.1  # the chosen NLL (several nats a token on random ids) was added
+    _check_grads(grads, setup[3])
+
+
 def test_dpo_label_smoothing_matches_trl_conservative_form(setup):
     """TRL 1.16's `sigmoid` no longer reads label_smoothing; its `aot` loss on a batch of one pair is the
     conservative DPO form -(1-e) log s(b d) - e log s(-b d). Pair by pair against it: the mean equals ours."""
@@ -195,3 +210,14 @@ def test_orpo_matches_trl(setup):
     for k in DPO_METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"):
         assert abs(metrics[k] - float(trl_metrics[k])) < 1e-5, (k, metrics[k], float(trl_metrics[k]))
     _check_grads(grads, pm)
+
+
+def test_bad_preference_settings_are_listed_in_one_error():
+    from jaxpeft.core.errors import ConfigError
+    from jaxpeft.preference.step import PreferenceConfig
+
+    with pytest.raises(ConfigError, match=r"beta=0.*sft_weight=-1.*expected >= 0"):
+        PreferenceConfig(loss="dpo", beta=0.0, sft_weight=-1.0)
+    with pytest.raises(ConfigError, match="sft_weight applies to loss=dpo or ipo; orpo has its own NLL term"):
+        PreferenceConfig(loss="orpo", sft_weight=0.5)
+    assert PreferenceConfig(loss="ipo", sft_weight=0.5).sft_weight == 0.5

@@ -16,6 +16,9 @@ The formulas are TRL 1.16's (`trl/trainer/dpo_trainer.py` `_compute_loss`; ORPO 
 - orpo: takes the *average* per-token log-probs (TRL's ORPO uses `average_log_prob=True`) and the chosen
   rows' NLL (mean cross-entropy over every non-pad token, prompt included, as TRL's ORPO computes it):
   log_odds = (pc - pr) - (log(1 - e^pc) - log(1 - e^pr)); loss = nll - mean(beta * log sigmoid(log_odds)).
+- sft_weight w > 0 (dpo, ipo): TRL's multi-loss `loss_type=[<dpo: "sigmoid" | "ipo">, "sft"]`,
+  `loss_weights=[1, w]` (RPO, Pang et al. 2024): adds w times the chosen completions' mean token NLL over
+  the batch, -sum(pc) / sum(n_c), which keeps the chosen answers likely while the margin grows.
 Rewards are beta * log-ratio (ORPO: beta * average log-prob), with no gradient, as TRL logs them.
 """
 
@@ -79,17 +82,27 @@ def orpo_loss(policy_chosen_avg, policy_rejected_avg, chosen_nll, *, beta: float
     return loss, metrics
 
 
-def preference_loss(kind: str, seq: Mapping[str, jax.Array], *, beta: float, label_smoothing: float = 0.0
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def chosen_sft_loss(policy_chosen, chosen_tokens) -> jax.Array:
+    """TRL's `sft` loss type: the mean NLL over every chosen completion token of the batch."""
+    return -jnp.sum(policy_chosen) / jnp.maximum(jnp.sum(chosen_tokens), 1.0)
+
+
+def preference_loss(kind: str, seq: Mapping[str, jax.Array], *, beta: float, label_smoothing: float = 0.0,
+                    sft_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The loss `kind` (dpo | ipo | orpo) from the per-sequence quantities of `sequence_stats`:
     seq = {policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens,
-    chosen_nll} (ORPO needs no ref_*)."""
-    if kind == "dpo":
-        return dpo_loss(seq["policy_chosen"], seq["policy_rejected"], seq["ref_chosen"], seq["ref_rejected"],
-                        beta=beta, label_smoothing=label_smoothing)
-    if kind == "ipo":
-        return ipo_loss(seq["policy_chosen"], seq["policy_rejected"], seq["ref_chosen"], seq["ref_rejected"],
-                        chosen_tokens=seq["chosen_tokens"], rejected_tokens=seq["rejected_tokens"], beta=beta)
+    chosen_nll} (ORPO needs no ref_*); `sft_weight` > 0 adds TRL's `sft` term (dpo and ipo)."""
+    if kind in ("dpo", "ipo"):
+        if kind == "dpo":
+            loss, metrics = dpo_loss(seq["policy_chosen"], seq["policy_rejected"], seq["ref_chosen"],
+                                     seq["ref_rejected"], beta=beta, label_smoothing=label_smoothing)
+        else:
+            loss, metrics = ipo_loss(seq["policy_chosen"], seq["policy_rejected"], seq["ref_chosen"],
+                                     seq["ref_rejected"], chosen_tokens=seq["chosen_tokens"],
+                                     rejected_tokens=seq["rejected_tokens"], beta=beta)
+        if sft_weight:
+            loss = loss + sft_weight * chosen_sft_loss(seq["policy_chosen"], seq["chosen_tokens"])
+        return loss, metrics
     if kind == "orpo":
         return orpo_loss(seq["policy_chosen"] / jnp.maximum(seq["chosen_tokens"], 1.0),
                          seq["policy_rejected"] / jnp.maximum(seq["rejected_tokens"], 1.0), seq["chosen_nll"],

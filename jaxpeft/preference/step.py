@@ -31,13 +31,15 @@ REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "r
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PreferenceConfig:
     """The preference objective (TRL's names): loss dpo (TRL's sigmoid) | ipo | orpo, beta, label smoothing
-    (dpo only), the prompt budget, and the frozen initial adapter the reference uses (None: the base)."""
+    (dpo only), the prompt budget, the frozen initial adapter the reference uses (None: the base), and the
+    weight of TRL's `sft` loss added to dpo / ipo (RPO; 0: none)."""
 
     loss: str = "dpo"
     beta: float = 0.1
     label_smoothing: float = 0.0
     max_prompt_len: int | None = None
     init_adapter: str | None = None
+    sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -49,6 +51,10 @@ class PreferenceConfig:
             problems.append(f"label_smoothing={self.label_smoothing}: expected in [0, 0.5)")
         if self.label_smoothing and self.loss != "dpo":
             problems.append(f"label_smoothing applies to loss=dpo only, not {self.loss}")
+        if not self.sft_weight >= 0:
+            problems.append(f"sft_weight={self.sft_weight}: expected >= 0")
+        if self.sft_weight and self.loss == "orpo":
+            problems.append("sft_weight applies to loss=dpo or ipo; orpo has its own NLL term (weighted by 1)")
         if self.max_prompt_len is not None and self.max_prompt_len < 1:
             problems.append(f"max_prompt_len={self.max_prompt_len}: expected >= 1")
         if problems:
@@ -70,7 +76,8 @@ def preference_step_fn(model: Any, tx: optax.GradientTransformation, pref: Prefe
         seq = sequence_stats(train_model, combine(frozen, trainable), micro, max_targets=max_targets,
                              is_added=is_added, loss=pref.loss, rngs={"dropout": key}, ref_model=model,
                              loss_chunk=loss_chunk)
-        return preference_loss(pref.loss, seq, beta=pref.beta, label_smoothing=pref.label_smoothing)
+        return preference_loss(pref.loss, seq, beta=pref.beta, label_smoothing=pref.label_smoothing,
+                               sft_weight=pref.sft_weight)
 
     def step(state, frozen, batch):
         rng, step_key = jax.random.split(state["rng"])
