@@ -221,3 +221,19 @@ def test_bad_preference_settings_are_listed_in_one_error():
     with pytest.raises(ConfigError, match="sft_weight applies to loss=dpo or ipo; orpo has its own NLL term"):
         PreferenceConfig(loss="orpo", sft_weight=0.5)
     assert PreferenceConfig(loss="ipo", sft_weight=0.5).sft_weight == 0.5
+
+
+def test_the_entry_points_sft_weight_default_is_one_for_dpo_and_ipo_and_off_for_orpo():
+    from absl import flags
+
+    from experiments import dpo
+
+    def weight(*argv):
+        fv = flags.FlagValues()
+        dpo.define_flags(fv)
+        fv(["dpo", *argv])
+        return dpo._sft_weight(fv)
+
+    assert weight() == 1.0 and weight("--loss=ipo") == 1.0 and weight("--sft_weight=0") == 0.0
+    assert weight("--loss=orpo") == 0.0
+    assert weight("--loss=orpo", "--sft_weight=0.5") == 0.5  # given explicitly: PreferenceConfig refuses it
