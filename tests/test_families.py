@@ -430,6 +430,13 @@ PUBLISHED = {
                         num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8, head_dim=256),
     "phi-3-mini": dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         num_local_experts=8, num_experts_per_tok=2),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False),
 }
 
 
@@ -446,6 +453,30 @@ def test_preset_parameter_count_is_transformers_own(preset):
     theirs = sum(p.numel() for p in hf.parameters())
     ours = plan_memory(PRESETS[preset], PlanConfig(method="full")).base_params
     assert abs(ours / theirs - 1) < 1e-3, (ours, theirs)
+    if PRESETS[preset].model_type in ("mixtral", "qwen3_moe"):  # the experts counted exactly, every stack whole
+        assert ours == theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_moe_preset_active_parameters_count_top_k_experts(preset):
+    """Active = total less (E - K) experts per sparse layer, from transformers' own expert tensors (meta device)."""
+    import transformers
+
+    from jaxpeft.plan import PRESETS, PlanConfig, plan_memory
+
+    kw = dict(PUBLISHED[preset])
+    config = transformers.AutoConfig.for_model(kw.pop("model_type"), **kw)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in hf.parameters())
+    e, k = PRESETS[preset].num_experts, PRESETS[preset].num_experts_per_tok
+    idle = sum(p.numel() // e * (e - k) for n, p in hf.named_parameters() if ".mlp.experts." in n)
+    assert idle > 0
+    plan = plan_memory(PRESETS[preset], PlanConfig(method="qlora"))
+    assert plan.active_params == total - idle
+    # QLoRA: the experts at 4 bits (about half a byte a weight), the router kept in bf16.
+    experts = next(i for i in plan.weights if i.name.startswith("expert stacks"))
+    assert 0.5 * idle / (e - k) * e < experts.nbytes < 0.6 * idle / (e - k) * e
 
 
 def test_the_lora_entry_points_default_to_the_family_attention_projections(tmp_path):

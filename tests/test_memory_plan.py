@@ -209,3 +209,23 @@ def test_bad_model_errors_clearly(tmp_path):
         plan_memory(TINY, PlanConfig(rank=64))
     with pytest.raises(ConfigError, match="method='dora'"):
         PlanConfig(method="dora")
+
+
+def test_crosscheck_of_a_small_width_two_layer_moe_within_10_percent_of_xla(tmp_path):
+    """Mixtral-8x7B's layout at small widths (hidden 512, 8 experts of 1024, top-2, vocab 4096, 2 layers), LoRA, fp32,
+    1 x 512: the arguments (expert stacks counted whole) exact, the peak within the dense tests' 10 %."""
+    import dataclasses
+
+    config = dataclasses.replace(PRESETS["mixtral-8x7b"], num_hidden_layers=2, hidden_size=512, intermediate_size=1024,
+                                 moe_intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2,
+                                 head_dim=64, vocab_size=4096)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
+    out = _cli(f"--model={tmp_path}", "--method=lora", "--dtype=float32", "--param_dtype=float32", "--crosscheck",
+               "--crosscheck_layers=0").stdout
+    rows = {m.group(1): tuple(float(x) for x in m.groups()[1:])
+            for m in re.finditer(r"^(arguments|activations|peak)\S*(?: \S+)*?\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$",
+                                 out, re.M)}
+    assert set(rows) == {"arguments", "activations", "peak"}, out
+    assert rows["arguments"][2] == 1.0, out
+    assert abs(rows["peak"][2] - 1) <= 0.10, out
+    assert "active per token" in out, out

@@ -102,6 +102,20 @@ def test_quantize_matches_bitsandbytes(quant_type, dtype, shape):
     np.testing.assert_array_equal(np.asarray(dequantize_4bit(q).astype(jnp.float32)), theirs)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_3d_expert_stack_quantized_over_its_flattened_weights_matches_bitsandbytes(double_quant):
+    """The layout planned for QLoRA of MoE experts: an (E, 2I, H) stack is one NF4 tensor, blockwise over its
+    flattened weights, as bitsandbytes' functional quantize_4bit treats a 3-D tensor (odd sizes: a partial block)."""
+    shape = (4, 10, 13)
+    w32, t = _weight(shape, "bfloat16", seed=3)
+    packed, st = F.quantize_4bit(t, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    q = _ours(w32, "bfloat16", quant_type="nf4", blocksize=64, double_quant=double_quant)
+    np.testing.assert_array_equal(np.asarray(q.packed), packed.numpy())
+    theirs = F.dequantize_4bit(packed, st).float().numpy()
+    assert theirs.shape == shape
+    np.testing.assert_array_equal(np.asarray(dequantize_4bit(q).astype(jnp.float32)), theirs)
+
+
 @pytest.mark.parametrize("blocksize", ALLOWED_BLOCKSIZES)
 def test_every_blocksize_matches_bitsandbytes(blocksize):
     w32, t = _weight((37, 129), "float32", seed=blocksize)

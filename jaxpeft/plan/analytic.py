@@ -9,6 +9,9 @@ What is counted (GB = 1e9 bytes):
   `quant.nf4` holds them (packed codes (N+1)//2 bytes, absmax uint8 [K] with double quantization
   plus fp32 nested absmax [ceil(K/256)] and an fp32 offset, or fp32 absmax [K] without), LoRA A/B and
   the frozen fp32 `lora_scale` scalars.
+- MoE models (Mixtral, Qwen3-MoE): each sparse layer's router is a linear (never 4-bit) and its expert stacks
+  (E, 2I, H) and (E, H, I) are counted whole in the total parameters; the active parameters count K of the E
+  experts. QLoRA quantizes each stack as one NF4 tensor blockwise over its flattened weights (as the linears).
 - gradients: the trainable leaves only, in their own dtype (the step differentiates the trainable
   partition).
 - optimizer: optax AdamW's mu and nu, which optax keeps in each trainable leaf's dtype (fp32 for LoRA
@@ -46,7 +49,7 @@ from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.core.targets import Targets, name_matches
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.families import family_of
-from jaxpeft.plan.shapes import LinearShape, layer_linears
+from jaxpeft.plan.shapes import ExpertShape, LinearShape, layer_experts, layer_linears
 from jaxpeft.quant.nf4 import ALLOWED_BLOCKSIZES as QUANT_BLOCKSIZES, NESTED_BLOCKSIZE
 from jaxpeft.train.chunked_loss import resolve_chunk
 
@@ -122,6 +125,7 @@ class MemoryPlan:
     weights: tuple[Item, ...]
     trainable_params: int
     base_params: int
+    active_params: int  # base_params less the experts a token does not run (MoE: E - K per sparse layer)
     gradients: int
     optimizer: int
     misc: int
@@ -182,27 +186,46 @@ def _lora_targets(config: LlamaConfig, plan: PlanConfig) -> list[LinearShape]:
     return chosen
 
 
+def _experts(config: LlamaConfig) -> list[ExpertShape]:
+    return [x for layer in range(config.num_hidden_layers) for x in layer_experts(config, layer)]
+
+
+def active_params(config: LlamaConfig, base: int) -> int:
+    """`base` less the expert weights a token does not run: (E - K) / E of every stack."""
+    return base - sum(x.numel // x.experts * (x.experts - config.num_experts_per_tok) for x in _experts(config))
+
+
 def _weights(config: LlamaConfig, plan: PlanConfig, adapted: list[LinearShape]) -> tuple[list[Item], int, int]:
     """(weight items, trainable parameter count, base parameter count)."""
     c, p = config, DTYPE_BYTES[plan.param_dtype]
     linears = [m for layer in range(c.num_hidden_layers) for m in layer_linears(c, layer)]
+    experts = _experts(c)
+    expert_params = sum(x.numel for x in experts)
     layer_norms = sum(int(getattr(c, n.features)) for n in family_of(c.model_type).norms)  # q/k norms: head_dim
     norms = layer_norms * c.num_hidden_layers + c.hidden_size
     embed = c.vocab_size * c.hidden_size
     head = 0 if c.tie_word_embeddings else c.hidden_size * c.vocab_size
     biases = sum(m.out_features for m in linears if m.bias)
     kernels = sum(m.in_features * m.out_features for m in linears)
-    base = embed + head + norms + biases + kernels
+    base = embed + head + norms + biases + kernels + expert_params
     lora = sum(plan.rank * (m.in_features + m.out_features) for m in adapted)
     if plan.method == "full":
         return [Item(f"base ({plan.param_dtype}, all trainable)", p * base)], base, base
     items = []
     if plan.method == "qlora":
+        router = family_of(c.model_type).experts
+        quantized = [m for m in linears if router is None or not m.name.endswith(f".{router.router.name}")]
+        kernels = sum(m.in_features * m.out_features for m in quantized)  # the router stays in param_dtype
         nf4 = sum(nf4_bytes(m.in_features * m.out_features, blocksize=plan.quant_blocksize,
-                            double_quant=plan.double_quant) for m in linears)
+                            double_quant=plan.double_quant) for m in quantized)
         dq = "+double quant" if plan.double_quant else ""
         items.append(Item(f"base linears (NF4, blocksize {plan.quant_blocksize}{dq})", nf4))
-        items.append(Item(f"embeddings, norms, lm_head, biases ({plan.param_dtype})", p * (base - kernels)))
+        if experts:
+            items.append(Item(f"expert stacks (NF4 over each flattened stack, {len(experts)} stacks)",
+                              sum(nf4_bytes(x.numel, blocksize=plan.quant_blocksize, double_quant=plan.double_quant)
+                                  for x in experts)))
+        items.append(Item(f"embeddings, norms, lm_head, biases ({plan.param_dtype})",
+                          p * (base - kernels - expert_params)))
     else:
         items.append(Item(f"base ({plan.param_dtype}, frozen)", p * base))
     items.append(Item(f"LoRA A/B (float32, trainable, r={plan.rank}, {len(adapted)} modules)", 4 * lora))
@@ -225,7 +248,12 @@ def _layer_saved(config: LlamaConfig, plan: PlanConfig, adapted: set[str]) -> li
     ]
     if cb != 4:
         items.append(Item(f"attention probabilities ({plan.dtype})", scores * cb))
-    items.append(Item("MLP gate, up, sigmoid(gate), silu(gate)", 4 * t * i * cb))
+    if layer_experts(c, 0):  # a sparse MLP: each token runs K experts of width moe_intermediate_size
+        k, i = c.num_experts_per_tok, c.moe_intermediate_size
+        items.append(Item(f"experts' gate, up, sigmoid(gate), silu(gate) ({k} per token)", 4 * t * k * i * cb))
+        items.append(Item("expert inputs gathered per (token, expert) pair", t * k * d * cb))
+    else:
+        items.append(Item("MLP gate, up, sigmoid(gate), silu(gate)", 4 * t * i * cb))
     inputs: dict[str, tuple[set[str], int]] = {}  # the tensor a trained linear reads -> (its readers, width)
     for m in family_of(c.model_type).linears:
         inputs.setdefault(m.reads, (set(), m.shape(c)[0]))[0].add(m.short)
@@ -263,9 +291,12 @@ def plan_memory(config: LlamaConfig, plan: PlanConfig) -> MemoryPlan:
     scores = b * c.num_attention_heads * s * s
     dequant = 0
     if plan.method == "qlora":
-        dequant = max(m.in_features * m.out_features for m in layer_linears(c, 0)) * cb
+        # One dequantized kernel in the compute dtype (an expert stack whole: the grouped compute dequantizes it).
+        dequant = max([m.in_features * m.out_features for m in layer_linears(c, 0)]
+                      + [x.numel for x in layer_experts(c, 0)]) * cb
     # The MLP's backward (dgate, dup) and the attention's (dscores, dprobs) run one after the other.
-    backward = max(2 * scores * 4, 2 * t * c.intermediate_size * cb) + 2 * t * d * cb + dequant
+    width = c.num_experts_per_tok * c.moe_intermediate_size if layer_experts(c, 0) else c.intermediate_size
+    backward = max(2 * scores * 4, 2 * t * width * cb) + 2 * t * d * cb + dequant
     shared = b * s * s + 2 * b * s * c.head_dim * cb
 
     # Gradients as the backward makes them (full fine-tuning only; LoRA's are small and counted whole).
@@ -273,7 +304,8 @@ def plan_memory(config: LlamaConfig, plan: PlanConfig) -> MemoryPlan:
     if plan.method == "full":
         head_grads = per * (d * v + d)  # lm_head (or, tied, the embedding) and the final norm
         layer_grads = [per * sum(m.in_features * m.out_features + (m.out_features if m.bias else 0)
-                                 for m in layer_linears(c, layer)) + per * 2 * d for layer in range(n)]
+                                 for m in layer_linears(c, layer))
+                       + per * sum(x.numel for x in layer_experts(c, layer)) + per * 2 * d for layer in range(n)]
     else:
         head_grads, layer_grads = gradients, [0] * n
 
@@ -288,6 +320,7 @@ def plan_memory(config: LlamaConfig, plan: PlanConfig) -> MemoryPlan:
     phases.append(Item("optimizer update (all gradients)", shared + gradients))
     return MemoryPlan(
         config=c, plan=plan, weights=tuple(weights), trainable_params=trainable, base_params=base,
+        active_params=active_params(c, base),
         gradients=gradients, optimizer=optimizer, misc=misc, layer_saved=tuple(saved_lists[-1]),
         saved_per_layer=kept[-1], head=head, layer_backward=backward, shared=shared, phases=tuple(phases),
     )
@@ -304,5 +337,5 @@ def layer_count_scaled(config: LlamaConfig, layers: int) -> LlamaConfig:
     return dataclasses.replace(config, num_hidden_layers=layers)
 
 
-__all__ = ["GB", "METHODS", "Item", "MemoryPlan", "PlanConfig", "gigabytes", "layer_count_scaled", "nf4_bytes",
+__all__ = ["GB", "METHODS", "Item", "MemoryPlan", "PlanConfig", "active_params", "gigabytes", "layer_count_scaled", "nf4_bytes",
            "plan_memory"]

@@ -68,7 +68,8 @@ def format_breakdown(label: str, p: MemoryPlan) -> str:
              f"  {n} layers, hidden {c.hidden_size}, intermediate {c.intermediate_size}, heads "
              f"{c.num_attention_heads} (kv {c.num_key_value_heads}), vocab {c.vocab_size}",
              f"parameters: {p.base_params:,} base, {p.trainable_params:,} trainable "
-             f"({100.0 * p.trainable_params / max(p.base_params, 1):.3f} %)",
+             f"({100.0 * p.trainable_params / max(p.base_params, 1):.3f} %)"
+             + (f"; {p.active_params:,} active per token" if p.active_params != p.base_params else ""),
              ""]
     row = lambda name, nbytes, note="": lines.append(f"{name:64s} {_gb(nbytes, 3):>9s} GB{note}")  # noqa: E731
     row("weights", p.weight_bytes)

@@ -3,7 +3,7 @@
 A plan needs shapes only, so a model is its family's config (no weights are read). The presets are the
 published configurations: Llama-2 (vocab 32000, untied embeddings, SwiGLU; 70B uses grouped-query
 attention with 8 kv heads and intermediate size 28672), Llama-3 8B/70B, Qwen3-8B, Gemma-2-9B, Gemma-3-12B (text),
-Phi-3-mini-4k
+Phi-3-mini-4k, and the MoE models Mixtral-8x7B-v0.1 (8 experts, top-2) and Qwen3-30B-A3B (128 experts, top-8)
 (tests/test_families.py checks each preset's parameter count against transformers').
 """
 
@@ -17,8 +17,10 @@ from jaxpeft.core.errors import CheckpointError, ConfigError
 from jaxpeft.models.config import LlamaConfig
 from jaxpeft.models.families import config_from_hf, family_of
 from jaxpeft.models.gemma import GemmaConfig
+from jaxpeft.models.mixtral import MixtralConfig
 from jaxpeft.models.phi3 import Phi3Config
 from jaxpeft.models.qwen3 import Qwen3Config
+from jaxpeft.models.qwen3_moe import Qwen3MoeConfig
 
 
 def _llama2(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> LlamaConfig:
@@ -56,6 +58,24 @@ def _phi3_mini() -> LlamaConfig:
                       original_max_position_embeddings=4096, sliding_window=2047)
 
 
+def _mixtral_8x7b() -> LlamaConfig:
+    """mistralai/Mixtral-8x7B-v0.1: Mistral's attention (8 kv heads), 8 experts of width 14336, top-2."""
+    return MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1000000.0,
+                         max_position_embeddings=32768, num_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=14336, norm_topk_prob=True)
+
+
+def _qwen3_30b_a3b() -> LlamaConfig:
+    """Qwen/Qwen3-30B-A3B: Qwen3's attention (head_dim 128, 4 kv heads), 128 experts of width 768, top-8; every
+    layer sparse (decoder_sparse_step 1, no mlp_only_layers), untied."""
+    return Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6,
+                          rope_theta=1000000.0, max_position_embeddings=40960, qk_norm=True,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                          router_weights_in_compute_dtype=True)
+
+
 PRESETS: dict[str, LlamaConfig] = {
     "llama-7b": _llama2(4096, 11008, 32, 32, 32),
     "llama-13b": _llama2(5120, 13824, 40, 40, 40),
@@ -71,6 +91,8 @@ PRESETS: dict[str, LlamaConfig] = {
                           num_hidden_layers=48, num_attention_heads=16, sliding_window=1024, rope_theta=1000000.0,
                           rope_type="linear", rope_params=(("factor", 8.0),), max_position_embeddings=131072),
     "phi-3-mini": _phi3_mini(),
+    "mixtral-8x7b": _mixtral_8x7b(),
+    "qwen3-30b-a3b": _qwen3_30b_a3b(),
 }
 
 # The seed article's memory table (REFERENCE.md), in GB; None where the article gives no figure.
@@ -95,10 +117,36 @@ class LinearShape(NamedTuple):
 
 
 def layer_linears(config: LlamaConfig, layer: int) -> list[LinearShape]:
-    """The linear modules of decoder layer `layer` (from the family table), named as in the parameter tree."""
+    """The linear modules of decoder layer `layer` (from the family table), named as in the parameter tree; on an
+    MoE model's sparse layers the router replaces the dense MLP's linears (the experts are `layer_experts`)."""
     family = family_of(config.model_type)
     prefix = family.layer_prefix(layer)
-    return [LinearShape(f"{prefix}.{m.name}", *m.shape(config), m.has_bias(config)) for m in family.linears]
+    return [LinearShape(f"{prefix}.{m.name}", *m.shape(config), m.has_bias(config))
+            for m in family.layer_linears(config, layer)]
+
+
+class ExpertShape(NamedTuple):
+    """One fused expert stack (`models/moe.py`): its dotted name, experts, and each expert's in and out features."""
+
+    name: str
+    experts: int
+    in_features: int
+    out_features: int
+
+    @property
+    def numel(self) -> int:
+        return self.experts * self.in_features * self.out_features
+
+
+def layer_experts(config: LlamaConfig, layer: int) -> list[ExpertShape]:
+    """The expert stacks of decoder layer `layer`: gate_up (E, 2I, H) and down (E, H, I) on an MoE model's sparse
+    layers, none elsewhere."""
+    family = family_of(config.model_type)
+    if family.experts is None or not config.is_sparse_layer(layer):
+        return []
+    e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    prefix = f"{family.layer_prefix(layer)}.{family.experts.experts}"
+    return [ExpertShape(f"{prefix}.gate_up_proj", e, h, 2 * i), ExpertShape(f"{prefix}.down_proj", e, i, h)]
 
 
 def resolve_model(name: str) -> tuple[str, LlamaConfig]:
