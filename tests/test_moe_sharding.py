@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from jaxpeft.core.errors import ConfigError
+from jaxpeft.models.families import config_from_hf
 from jaxpeft.train import sharding
+from tests.hf_tiny import FAMILY_CASES, tiny_hf_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,9 +28,6 @@ def run_cases(*args: str) -> dict:
 
 
 def test_expert_axis_parses_and_refuses_an_expert_count_it_does_not_divide():
-    from tests.hf_tiny import FAMILY_CASES, tiny_hf_config
-    from jaxpeft.models.families import config_from_hf
-
     assert sharding.parse_mesh("expert:4", 8) == {"data": 2, "fsdp": 1, "tensor": 1, "expert": 4}
     assert sharding.parse_mesh("expert:2,fsdp:2,data:2", 8) == {"data": 2, "fsdp": 2, "tensor": 1, "expert": 2}
     case = dict(FAMILY_CASES["mixtral"])

@@ -128,7 +128,8 @@ def parse_mesh(text: str | None, num_devices: int) -> dict[str, int]:
         sizes["data"] = num_devices // others
     total = sizes["data"] * others
     if total != num_devices:
-        raise ConfigError(f"--mesh={text}: " + " x ".join(f"{a}:{sizes.get(a, 1)}" for a in AXES) + f" = {total} devices, but there are {num_devices}; "
+        named = " x ".join(f"{a}:{sizes.get(a, 1)}" for a in AXES if a != EXPERT_AXIS or a in sizes)
+        raise ConfigError(f"--mesh={text}: {named} = {total} devices, but there are {num_devices}; "
                           f"the axis sizes must multiply to {num_devices} (leave data out to let it take the rest).")
     return {a: sizes.get(a, 1) for a in AXES}
 
