@@ -146,9 +146,9 @@ def test_vocabulary_fallback_and_soft_prompt_rules():
 
 
 def test_mesh_text_is_parsed_and_checked_against_the_device_count():
-    assert sharding.parse_mesh(None, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
-    assert sharding.parse_mesh("tensor:2", 8) == {"data": 4, "fsdp": 1, "tensor": 2}
-    assert sharding.parse_mesh("data:2,fsdp:2,tensor:2", 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert sharding.parse_mesh(None, 8) == {"data": 8, "fsdp": 1, "tensor": 1, "expert": 1}
+    assert sharding.parse_mesh("tensor:2", 8) == {"data": 4, "fsdp": 1, "tensor": 2, "expert": 1}
+    assert sharding.parse_mesh("data:2,fsdp:2,tensor:2", 8) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
     with pytest.raises(ConfigError, match=r"data:2 x fsdp:2 x tensor:3 = 12 devices, but there are 8"):
         sharding.parse_mesh("data:2,fsdp:2,tensor:3", 8)
     with pytest.raises(ConfigError, match=r"tensor:3 = 3 devices does not divide the 8 devices"):

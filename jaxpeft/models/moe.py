@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpeft.kernels.moe import expert_mlp
+from jaxpeft.kernels.moe import expert_mlp, expert_parallel
 from jaxpeft.models import hooks, llama
 from jaxpeft.models.layers import Linear
 
@@ -136,8 +136,13 @@ class SparseMoeBlock(nn.Module):
                                          c.router_weights_in_compute_dtype)
         experts = Experts(e, h, i, self.dtype, self.param_dtype, name="experts")
         gate_up, down = experts()
-        out = expert_mlp(x_BxSxH.reshape(b * s, h), gate_up, down, experts_NxK, weights_NxK, self.dtype,
-                         implementation=c.moe_implementation)
+        mesh = expert_parallel.current_mesh()
+        if mesh is not None:  # the train runner's expert axis: tokens to the devices holding their experts
+            out = expert_parallel.expert_mlp_expert_parallel(x_BxSxH.reshape(b * s, h), gate_up, down, experts_NxK,
+                                                             weights_NxK, self.dtype, mesh)
+        else:
+            out = expert_mlp(x_BxSxH.reshape(b * s, h), gate_up, down, experts_NxK, weights_NxK, self.dtype,
+                             implementation=c.moe_implementation)
         return out.reshape(b, s, h)
 
 

@@ -48,5 +48,5 @@ class RunConfig:
     save_merged: bool = False
     merged_dtype: str = "auto"  # "auto": the base's dtype (core.dtypes.tree_dtype_name)
     progress: bool = True
-    mesh: str | None = None  # "data:2,fsdp:2,tensor:2"; None: every device on data (train/sharding.py)
+    mesh: str | None = None  # "data:2,fsdp:2,tensor:2" or "expert:4" (MoE); None: every device on data (train/sharding.py)
     parallel: str = "jit"  # "jit" (the mesh) or "pmap"

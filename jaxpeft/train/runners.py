@@ -23,6 +23,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpeft.core.errors import ConfigError
+from jaxpeft.kernels.moe.expert_parallel import EXPERT_AXIS, expert_parallel
 from jaxpeft.train.sharding import (ParallelConfig, batch_sharding, check_model_fits, make_mesh, mesh_sizes,
                                     param_shardings, place, state_shardings)
 
@@ -85,6 +86,8 @@ class MeshRunner:
         self.initial_state = jax.jit(init, out_shardings=self.state_sh)(place(trainable, trainable_sh))
         self._batch_sh = batch_sharding(mesh)
         replicated = NamedSharding(mesh, P())
+        if int(mesh.shape.get(EXPERT_AXIS, 1)) > 1:
+            step_fn = _expert_parallel_step(step_fn, mesh)
         self._step = AheadOfTime(jax.jit(step_fn, donate_argnums=(0,),
                                          in_shardings=(self.state_sh, frozen_sh, self._batch_sh),
                                          out_shardings=(self.state_sh, replicated)))
@@ -102,6 +105,16 @@ class MeshRunner:
     def import_state(self, state):
         """`state` (e.g. restored from a checkpoint saved on any mesh) placed on this runner's shardings."""
         return place(state, self.state_sh)
+
+
+def _expert_parallel_step(step_fn: Callable, mesh: Mesh) -> Callable:
+    """`step_fn` traced with the MoE blocks expert-parallel on `mesh` (`kernels.moe.expert_parallel`)."""
+
+    def step(*args):
+        with expert_parallel(mesh):
+            return step_fn(*args)
+
+    return step
 
 
 def run_mesh(cfg: ParallelConfig | None) -> Mesh:

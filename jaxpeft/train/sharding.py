@@ -1,4 +1,4 @@
-"""Multi-device training: one Mesh with ("data", "fsdp", "tensor") axes, logical axis rules for every
+"""Multi-device training: one Mesh with ("data", "fsdp", "tensor", "expert") axes, logical axis rules for every
 parameter, a jitted train step with explicit in/out shardings, and pmap data parallelism.
 
 Shape legend: A accumulation micro-steps, B rows, S sequence, D hidden, V vocab, I/O a kernel's in/out
@@ -6,7 +6,8 @@ features, R LoRA rank, N weights of a 4-bit kernel, K its blocks.
 
 Logical axes (what a dimension means) map to mesh axes (where it lives) through `RULES`:
 
-    batch -> (data, fsdp)    the rows of every batch
+    batch -> (data, fsdp, expert)   the rows of every batch (expert devices are data-parallel outside the MoE block)
+    experts -> expert        the E axis of an MoE expert stack and of its LoRA factors (expert parallelism)
     embed -> fsdp            the hidden axis D of every weight (ZeRO-3 style: gathered where used)
     heads, kv_heads, mlp -> tensor   Megatron-style splits of q/k/v/o by head and gate/up/down by I
     vocab -> tensor          the embedding's and lm_head's V, when the tensor size divides it
@@ -21,6 +22,10 @@ Parameters (the canonical tree of models/llama.py; each family's linears and the
     norms (D,), lora_scale (): replicated               bias (O,): like the kernel's O
     lora_a (I, R): (kernel's I, None)   lora_b (R, O): (None, kernel's O)   lora_magnitude (O,): kernel's O
     self_attn/prefix_{key,value} (P, K*E): (None, kv_heads)   prompt/embeddings (P, D): (None, embed)
+    mlp/experts/{gate_up_proj,down_proj}/{weight (E, 2I, D) | (E, D, I), lora_a (E, R, I), lora_b (E, O, R)}:
+        (experts, None, None): each expert device holds E / expert whole experts, replicated over the other axes;
+        the MoE block sends tokens to them (`kernels.moe.expert_parallel`), so no expert weight is gathered.
+        Without an expert axis the stacks are replicated.
 
 A quantized kernel (`qkernel`, any `QuantizedKernel`) shards itself along its storage units over
 fsdp x tensor, or over one of them, whichever divides their count (the first that does, in that order);
@@ -52,16 +57,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxpeft.convert.stream import Placement
 from jaxpeft.core.errors import ConfigError, bullet_list
 from jaxpeft.core.tree import Path, flatten_params, unflatten_params
+from jaxpeft.kernels.moe.expert_parallel import EXPERT_AXIS, TOKEN_AXES
 from jaxpeft.models.families import kernel_axes
 from jaxpeft.quant.protocol import QuantizedKernel
 
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+AXES = ("data", "fsdp", "tensor", EXPERT_AXIS)
+BATCH_AXES = TOKEN_AXES  # ("data", "fsdp", "expert")
 PARALLEL_MODES = ("jit", "pmap")
 RULES: dict[str, tuple[str, ...]] = {
     "batch": BATCH_AXES, "embed": ("fsdp",), "vocab": ("tensor",), "heads": ("tensor",),
     "kv_heads": ("tensor",), "mlp": ("tensor",), "blocks": ("fsdp", "tensor"),
+    "experts": (EXPERT_AXIS,),
 }
+EXPERT_STACKS = ("gate_up_proj", "down_proj")
 KERNEL_AXES = kernel_axes()  # {linear module name: (I, O) logical axes}, from the family table
 _BLOCK_AXES_CHOICES = (("fsdp", "tensor"), ("fsdp",), ("tensor",))
 
@@ -92,7 +100,8 @@ def resolve_parallel(mesh: str | None, parallel: str = "jit") -> ParallelConfig 
 
 
 def parse_mesh(text: str | None, num_devices: int) -> dict[str, int]:
-    """{"data": d, "fsdp": f, "tensor": t} from "data:2,fsdp:2,tensor:2"; d * f * t == num_devices."""
+    """{"data": d, "fsdp": f, "tensor": t, "expert": x} from "data:2,fsdp:2,tensor:2" (or "expert:4", ...);
+    d * f * t * x == num_devices."""
     sizes: dict[str, int] = {}
     problems = []
     for part in [p.strip() for p in (text or "").split(",") if p.strip()]:
@@ -119,14 +128,14 @@ def parse_mesh(text: str | None, num_devices: int) -> dict[str, int]:
         sizes["data"] = num_devices // others
     total = sizes["data"] * others
     if total != num_devices:
-        raise ConfigError(f"--mesh={text}: data:{sizes['data']} x fsdp:{sizes.get('fsdp', 1)} x "
-                          f"tensor:{sizes.get('tensor', 1)} = {total} devices, but there are {num_devices}; "
+        named = " x ".join(f"{a}:{sizes.get(a, 1)}" for a in AXES if a != EXPERT_AXIS or a in sizes)
+        raise ConfigError(f"--mesh={text}: {named} = {total} devices, but there are {num_devices}; "
                           f"the axis sizes must multiply to {num_devices} (leave data out to let it take the rest).")
     return {a: sizes.get(a, 1) for a in AXES}
 
 
 def make_mesh(text: str | None = None, devices: list | None = None) -> Mesh:
-    """The ("data", "fsdp", "tensor") Mesh over `devices` (default: every device of every process).
+    """The ("data", "fsdp", "tensor", "expert") Mesh over `devices` (default: every device of every process).
 
     Built with `Mesh(...)`, whose axes are Auto (`jax.make_mesh` makes Explicit axes on JAX 0.10).
     Devices are laid out in `jax.devices()` order (process-major), so data is the axis that spans hosts.
@@ -142,17 +151,20 @@ def mesh_sizes(mesh: Mesh) -> dict[str, int]:
 
 def check_model_fits(sizes: Mapping[str, int], config: Any, *, micro_rows: int | None = None) -> None:
     """Raises one ConfigError naming every mesh axis that does not divide the model dimension it splits."""
-    t, f = sizes.get("tensor", 1), sizes.get("fsdp", 1)
+    t, f, x = sizes.get("tensor", 1), sizes.get("fsdp", 1), sizes.get(EXPERT_AXIS, 1)
     dims = [("tensor", t, "num_attention_heads", "attention heads (q_proj/o_proj are split by head)"),
             ("tensor", t, "num_key_value_heads", "kv heads (k_proj/v_proj are split by kv head)"),
             ("tensor", t, "intermediate_size", "MLP width (gate/up/down are split along it)"),
-            ("fsdp", f, "hidden_size", "hidden size (every weight's D axis is sharded over fsdp)")]
+            ("fsdp", f, "hidden_size", "hidden size (every weight's D axis is sharded over fsdp)"),
+            ("expert", x, "num_experts", "experts (each expert device holds experts / expert of them)")]
     problems = [f"{axis}:{size} does not divide the {getattr(config, name)} {what}"
                 for axis, size, name, what in dims
                 if getattr(config, name, None) is not None and getattr(config, name) % size]
-    rows = sizes.get("data", 1) * f
+    rows = sizes.get("data", 1) * f * x
     if micro_rows is not None and micro_rows % rows:
-        problems.append(f"data x fsdp = {sizes.get('data', 1)} x {f} = {rows} devices share each micro-batch, "
+        names, counts = ("data x fsdp x expert", f"{sizes.get('data', 1)} x {f} x {x}") if x > 1 else (
+            "data x fsdp", f"{sizes.get('data', 1)} x {f}")
+        problems.append(f"{names} = {counts} = {rows} devices share each micro-batch, "
                         f"which has {micro_rows} rows (batch_size / grad_accum); use a multiple of {rows}")
     if problems:
         mesh = ",".join(f"{a}:{sizes.get(a, 1)}" for a in AXES)
@@ -175,6 +187,8 @@ def _leaf_logical(path: Path) -> tuple | None:
         return (None, "kv_heads")
     if leaf == "embeddings" and module == "prompt":  # prompt tuning (P, D)
         return (None, "embed")
+    if leaf in ("weight", "lora_a", "lora_b") and module in EXPERT_STACKS and len(path) > 2 and path[-3] == "experts":
+        return ("experts", None, None)
     kernel = KERNEL_AXES.get(module)
     if kernel is None:
         return None
@@ -253,7 +267,7 @@ def state_shardings(abstract_state: Any, trainable_shardings: Mapping, mesh: Mes
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Micro-batches (A, B, S): rows over data x fsdp."""
+    """Micro-batches (A, B, S): rows over data x fsdp x expert."""
     return NamedSharding(mesh, P(None, BATCH_AXES))
 
 
