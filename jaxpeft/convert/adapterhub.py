@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft.convert.peft import common
-from jaxpeft.core.errors import CheckpointError, ConfigError, bullet_list
+from jaxpeft.core.errors import CheckpointError, ConfigError, UnsupportedModelError, bullet_list
 from jaxpeft.core.tree import flatten_params, unflatten_params
 from jaxpeft.models.config import ARCHITECTURES
 
@@ -44,6 +44,10 @@ FROZEN_LEAVES = ("scale", "input_residual", "output_residual")
 ACTIVATION_NAMES = ("relu", "relu6", "relu2", "leakyrelu", "leaky_relu", "swish", "silu", "gelu", "gelu_python",
                     "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "tanh", "sigmoid", "linear")
 
+# The decoder families the package adapts (its MODEL_MIXIN_MAPPING / model classes, adapters 1.3.x: LlamaModel,
+# MistralModel); it has no Qwen2, Qwen3, Gemma 2, Gemma 3 or Phi-3 support, so a folder for them cannot come from
+# it nor load into it.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 PICKLE_NAME = "pytorch_adapter.bin"
@@ -82,6 +86,16 @@ _INERT_DEFAULTS = {
 }
 # The package's named configs (a folder may name one instead of spelling the fields out).
 _NAMED = {"double_seq_bn": "houlsby", "houlsby": "houlsby", "seq_bn": "pfeiffer", "pfeiffer": "pfeiffer"}
+
+
+def check_model_type(model_type: Any, *, doing: str) -> None:
+    """UnsupportedModelError unless the adapters package supports the family `model_type`."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"cannot {doing} an AdapterHub folder for a {model_type!r} model: the adapters package supports "
+            f"bottleneck adapters on the decoder families {list(SUPPORTED_MODEL_TYPES)} only, so it could neither "
+            "have written nor read one for this family. Bottleneck adapters still train on it in jaxpeft; only "
+            "this folder format is unavailable.")
 
 
 def adapterhub_config_dict(config: AdaptersConfig, *, hidden_size: int, model_type: str,
@@ -305,6 +319,6 @@ def activation_of(leaves: Mapping[str, Any]) -> str:
     return names[0]
 
 
-__all__ = ["ACTIVATION_NAMES", "LOCATIONS", "activation_of", "adapter_leaves", "adapterhub_config_dict",
-           "adapterhub_tensors", "attach", "check_saveable", "config_kwargs", "hidden_size_of", "layer_indices",
+__all__ = ["ACTIVATION_NAMES", "LOCATIONS", "SUPPORTED_MODEL_TYPES", "activation_of", "adapter_leaves", "adapterhub_config_dict",
+           "adapterhub_tensors", "attach", "check_model_type", "check_saveable", "config_kwargs", "hidden_size_of", "layer_indices",
            "package_bottleneck_size", "read_adapter_tensors", "read_config", "write_folder"]
