@@ -323,14 +323,16 @@ def test_adapters_cli_writes_an_adapterhub_folder(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("family", ("qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"))
-def test_families_the_package_does_not_adapt_are_refused_both_ways(base, family, tmp_path):
-    # The adapters package (1.3.x) has bottleneck support for LlamaModel and MistralModel only among these.
+def test_adapterhub_folders_of_unchecked_families_are_refused_both_ways(base, family, tmp_path):
+    # jaxpeft's AdapterHub folders: llama/mistral (the package's own classes); the package's plugin families and
+    # Phi-3 (which the package does not adapt) are refused, each with its reason.
     model, params = base
     _, adapted, cfg = load_adapterhub(FIXTURES / "houlsby", model, params)
     other = SimpleNamespace(config=SimpleNamespace(model_type=family))
     with pytest.raises(UnsupportedModelError, match=rf"read an AdapterHub folder for a '{family}' model.*"
-                       r"\['llama', 'mistral'\] only"):
+                       r"\['llama', 'mistral'\] only") as e:
         load_adapterhub(FIXTURES / "houlsby", other, params)
+    assert ("no bottleneck support" if family == "phi3" else "plugin interface") in str(e.value)
     with pytest.raises(UnsupportedModelError, match=rf"write an AdapterHub folder for a '{family}' model"):
         save_adapterhub(tmp_path / "out", adapted, cfg, model_config=other.config, base_model_name_or_path="")
     assert not (tmp_path / "out").exists()

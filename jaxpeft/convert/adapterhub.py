@@ -44,10 +44,13 @@ FROZEN_LEAVES = ("scale", "input_residual", "output_residual")
 ACTIVATION_NAMES = ("relu", "relu6", "relu2", "leakyrelu", "leaky_relu", "swish", "silu", "gelu", "gelu_python",
                     "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "tanh", "sigmoid", "linear")
 
-# The decoder families the package adapts (its MODEL_MIXIN_MAPPING / model classes, adapters 1.3.x: LlamaModel,
-# MistralModel); it has no Qwen2, Qwen3, Gemma 2, Gemma 3 or Phi-3 support, so a folder for them cannot come from
-# it nor load into it.
+# The families whose AdapterHub folders jaxpeft reads and writes: the package's own model classes (adapters 1.3.0
+# MODEL_MIXIN_MAPPING: LlamaModel, MistralModel), checked on Llama fixtures.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# Families the package adapts only through its plugin interfaces (adapters/wrappers/interfaces.py, 1.3.0), whose
+# hook points differ from Llama's (Gemma's adapters around the post-norms); their layout and logits are not yet
+# checked here, so jaxpeft refuses them rather than guess. Phi-3 the package does not adapt at all.
+PLUGIN_MODEL_TYPES = ("gemma2", "gemma3_text", "qwen2", "qwen3")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 PICKLE_NAME = "pytorch_adapter.bin"
@@ -89,13 +92,16 @@ _NAMED = {"double_seq_bn": "houlsby", "houlsby": "houlsby", "seq_bn": "pfeiffer"
 
 
 def check_model_type(model_type: Any, *, doing: str) -> None:
-    """UnsupportedModelError unless the adapters package supports the family `model_type`."""
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"cannot {doing} an AdapterHub folder for a {model_type!r} model: the adapters package supports "
-            f"bottleneck adapters on the decoder families {list(SUPPORTED_MODEL_TYPES)} only, so it could neither "
-            "have written nor read one for this family. Bottleneck adapters still train on it in jaxpeft; only "
-            "this folder format is unavailable.")
+    """UnsupportedModelError unless jaxpeft reads and writes AdapterHub folders for the family `model_type`."""
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return
+    why = ("the adapters package adapts it only through its plugin interface, whose adapter placement jaxpeft "
+           "does not yet check against the package" if model_type in PLUGIN_MODEL_TYPES
+           else "the adapters package (1.3.0) has no bottleneck support for it")
+    raise UnsupportedModelError(
+        f"cannot {doing} an AdapterHub folder for a {model_type!r} model: {why}. jaxpeft reads and writes AdapterHub "
+        f"folders for {list(SUPPORTED_MODEL_TYPES)} only. Bottleneck adapters still train on this family in "
+        "jaxpeft; only this folder format is unavailable.")
 
 
 def adapterhub_config_dict(config: AdaptersConfig, *, hidden_size: int, model_type: str,
@@ -319,6 +325,6 @@ def activation_of(leaves: Mapping[str, Any]) -> str:
     return names[0]
 
 
-__all__ = ["ACTIVATION_NAMES", "LOCATIONS", "SUPPORTED_MODEL_TYPES", "activation_of", "adapter_leaves", "adapterhub_config_dict",
+__all__ = ["ACTIVATION_NAMES", "LOCATIONS", "PLUGIN_MODEL_TYPES", "SUPPORTED_MODEL_TYPES", "activation_of", "adapter_leaves", "adapterhub_config_dict",
            "adapterhub_tensors", "attach", "check_model_type", "check_saveable", "config_kwargs", "hidden_size_of", "layer_indices",
            "package_bottleneck_size", "read_adapter_tensors", "read_config", "write_folder"]
