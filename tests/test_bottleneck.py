@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import chex
 import jax
@@ -23,7 +24,7 @@ import pytest
 import jaxpeft
 from jaxpeft.methods.bottleneck import load_adapterhub, save_adapterhub
 from jaxpeft.convert.hf import read_safetensors
-from jaxpeft.core.errors import CheckpointError, ConfigError
+from jaxpeft.core.errors import CheckpointError, ConfigError, UnsupportedModelError
 from jaxpeft.core.tree import flatten_params
 from jaxpeft.methods import get_method
 from jaxpeft.methods.bottleneck import AdaptersConfig
@@ -319,3 +320,22 @@ def test_adapters_cli_writes_an_adapterhub_folder(tmp_path, tiny_model_dir):
     bad = subprocess.run(args[:3] + [f"--model={model_dir}", f"--out={tmp_path / 'y'}",
                                      "--save_merged"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "cannot be merged" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("family", ("qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"))
+def test_adapterhub_folders_of_unchecked_families_are_refused_both_ways(base, family, tmp_path):
+    # jaxpeft's AdapterHub folders: llama/mistral (the package's own classes); the package's plugin families and
+    # Phi-3 (which the package does not adapt) are refused, each with its reason.
+    model, params = base
+    _, adapted, cfg = load_adapterhub(FIXTURES / "houlsby", model, params)
+    other = SimpleNamespace(config=SimpleNamespace(model_type=family))
+    with pytest.raises(UnsupportedModelError, match=rf"read an AdapterHub folder for a '{family}' model.*"
+                       r"\['llama', 'mistral'\] only") as e:
+        load_adapterhub(FIXTURES / "houlsby", other, params)
+    assert ("no bottleneck support" if family == "phi3" else "plugin interface") in str(e.value)
+    with pytest.raises(UnsupportedModelError, match=rf"write an AdapterHub folder for a '{family}' model"):
+        save_adapterhub(tmp_path / "out", adapted, cfg, model_config=other.config, base_model_name_or_path="")
+    assert not (tmp_path / "out").exists()
+    save_adapterhub(tmp_path / "mistral", adapted, cfg, model_config=SimpleNamespace(model_type="mistral"),
+                    base_model_name_or_path="")
+    assert json.loads((tmp_path / "mistral" / "adapter_config.json").read_text())["model_type"] == "mistral"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxpeft.core.tree import flatten_params
-from jaxpeft.core.errors import CheckpointError, ConfigError
+from jaxpeft.convert.adapterhub import SUPPORTED_MODEL_TYPES
+from jaxpeft.core.errors import CheckpointError, ConfigError, UnsupportedModelError
 from jaxpeft.methods import METHODS, get_method
 from jaxpeft.methods import load_adapter
 from jaxpeft.methods.bottleneck import AdaptersConfig
@@ -191,6 +192,10 @@ def test_merge_equals_unmerged_and_unmerge_restores_base(base, name, i):
 def test_adapter_only_save_and_load(base, name, i, tmp_path):
     model, params = base
     method, cfg, _, trained = _trained(base, name, i)
+    if name == "adapters" and model.config.model_type not in SUPPORTED_MODEL_TYPES:  # no AdapterHub folder here
+        with pytest.raises(UnsupportedModelError, match=model.config.model_type):
+            method.save(tmp_path / "a", trained, cfg, model_config=model.config, base_model_name_or_path="tiny")
+        return
     method.save(tmp_path / "a", trained, cfg, model_config=model.config, base_model_name_or_path="tiny")
     if method.artifact_name == "adapter":  # any adapter folder is recognised and read by the generic loader
         found, _, loaded, _ = load_adapter(tmp_path / "a", model, params)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft.convert.peft import common
-from jaxpeft.core.errors import CheckpointError, ConfigError, bullet_list
+from jaxpeft.core.errors import CheckpointError, ConfigError, UnsupportedModelError, bullet_list
 from jaxpeft.core.tree import flatten_params, unflatten_params
 from jaxpeft.models.config import ARCHITECTURES
 
@@ -44,6 +44,13 @@ FROZEN_LEAVES = ("scale", "input_residual", "output_residual")
 ACTIVATION_NAMES = ("relu", "relu6", "relu2", "leakyrelu", "leaky_relu", "swish", "silu", "gelu", "gelu_python",
                     "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "tanh", "sigmoid", "linear")
 
+# The families whose AdapterHub folders jaxpeft reads and writes: the package's own model classes (adapters 1.3.0
+# MODEL_MIXIN_MAPPING: LlamaModel, MistralModel), checked on Llama fixtures.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# Families the package adapts only through its plugin interfaces (adapters/wrappers/interfaces.py, 1.3.0), whose
+# hook points differ from Llama's (Gemma's adapters around the post-norms); their layout and logits are not yet
+# checked here, so jaxpeft refuses them rather than guess. Phi-3 the package does not adapt at all.
+PLUGIN_MODEL_TYPES = ("gemma2", "gemma3_text", "qwen2", "qwen3")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 PICKLE_NAME = "pytorch_adapter.bin"
@@ -82,6 +89,19 @@ _INERT_DEFAULTS = {
 }
 # The package's named configs (a folder may name one instead of spelling the fields out).
 _NAMED = {"double_seq_bn": "houlsby", "houlsby": "houlsby", "seq_bn": "pfeiffer", "pfeiffer": "pfeiffer"}
+
+
+def check_model_type(model_type: Any, *, doing: str) -> None:
+    """UnsupportedModelError unless jaxpeft reads and writes AdapterHub folders for the family `model_type`."""
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return
+    why = ("the adapters package adapts it only through its plugin interface, whose adapter placement jaxpeft "
+           "does not yet check against the package" if model_type in PLUGIN_MODEL_TYPES
+           else "the adapters package (1.3.0) has no bottleneck support for it")
+    raise UnsupportedModelError(
+        f"cannot {doing} an AdapterHub folder for a {model_type!r} model: {why}. jaxpeft reads and writes AdapterHub "
+        f"folders for {list(SUPPORTED_MODEL_TYPES)} only. Bottleneck adapters still train on this family in "
+        "jaxpeft; only this folder format is unavailable.")
 
 
 def adapterhub_config_dict(config: AdaptersConfig, *, hidden_size: int, model_type: str,
@@ -305,6 +325,6 @@ def activation_of(leaves: Mapping[str, Any]) -> str:
     return names[0]
 
 
-__all__ = ["ACTIVATION_NAMES", "LOCATIONS", "activation_of", "adapter_leaves", "adapterhub_config_dict",
-           "adapterhub_tensors", "attach", "check_saveable", "config_kwargs", "hidden_size_of", "layer_indices",
+__all__ = ["ACTIVATION_NAMES", "LOCATIONS", "PLUGIN_MODEL_TYPES", "SUPPORTED_MODEL_TYPES", "activation_of", "adapter_leaves", "adapterhub_config_dict",
+           "adapterhub_tensors", "attach", "check_model_type", "check_saveable", "config_kwargs", "hidden_size_of", "layer_indices",
            "package_bottleneck_size", "read_adapter_tensors", "read_config", "write_folder"]

@@ -250,6 +250,7 @@ def save_adapterhub(out_dir: str | os.PathLike, params: Mapping, config: Adapter
                     base_model_name_or_path: str, overwrite: bool = False) -> FsPath:
     """Writes the bottleneck adapter in `params` (base + adapter leaves) as a folder that the package's
     `model.load_adapter(out_dir)` reads. The folder appears whole or not at all."""
+    adapterhub.check_model_type(getattr(model_config, "model_type", None), doing="write")
     adapterhub.check_saveable(params, config)
     tensors = adapterhub.adapterhub_tensors(params, config)
     cfg = adapterhub.adapterhub_config_dict(config, hidden_size=hidden_size_of(params),
@@ -265,6 +266,7 @@ def load_adapterhub(folder: str | os.PathLike, model: Any, params: Mapping, *, a
     `pytorch_adapter.bin` (a pickle) is read only with `allow_pickle=True`, through torch's weights-only loader.
     """
     folder = FsPath(folder)
+    adapterhub.check_model_type(getattr(getattr(model, "config", None), "model_type", None), doing="read")
     raw = adapterhub.read_config(folder)
     config = AdaptersConfig(**adapterhub.config_kwargs(raw))
     tensors = adapterhub.read_adapter_tensors(folder, allow_pickle)
