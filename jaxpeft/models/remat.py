@@ -78,7 +78,9 @@ def checkpoint(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     def fwd(params, args):
         values = jax.tree.map(lambda p: p.value, (params, args), is_leaf=lambda p: hasattr(p, "perturbed"))
         flags = jax.tree.map(lambda p: p.perturbed, (params, args), is_leaf=lambda p: hasattr(p, "perturbed"))
-        return fn(*values), (values, _Flags(jax.tree.leaves(flags)))
+        params, args = values
+        params = _tie_tree(params, _anchor(args))  # the layer's weight-only work (norm broadcasts) not hoisted
+        return fn(params, args), (values, _Flags(jax.tree.leaves(flags)))
 
     def bwd(residual, d_out):
         values, flags = residual
@@ -86,7 +88,8 @@ def checkpoint(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
         given = [d for d in jax.tree.leaves(d_out, is_leaf=zero) if not zero(d)]
         d_out = jax.tree.map(lambda d: _zeros(d.aval) if zero(d) else d, d_out, is_leaf=zero)
         params, args = values
-        args = _tie_tree(args, _anchor(given))  # recompute only once the cotangent exists
+        anchor = _anchor(given)  # recompute only once the cotangent exists, the weight-only work included
+        params, args = _tie_tree(params, anchor), _tie_tree(args, anchor)
         leaves, treedef = jax.tree.flatten((params, args))
         perturbed = [i for i, f in enumerate(flags.flags) if f and _is_float(leaves[i])]
 
