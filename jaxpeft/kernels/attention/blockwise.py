@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpeft.kernels.attention.mask import AttentionMask
+from jaxpeft.kernels.frozen import tie_to
 
 DEFAULT_BLOCK = 512
 
@@ -231,7 +232,8 @@ def _bwd(st, residual, d_out):
         dq, dk_j, dv_j = jax.lax.fori_loop(lo, hi, body, (dq, zeros, zeros))
         return dq, (dk_j, dv_j)
 
-    dq0 = jnp.zeros((b, kv, lay.g, lay.sp, e), jnp.float32)
+    # Tied to the cotangent: a constant init would be built (and kept) from the start of the step by XLA.
+    dq0 = tie_to(jnp.zeros((b, kv, lay.g, lay.sp, e), jnp.float32), delta)
     dq, (dk, dv) = jax.lax.scan(one_key_block, dq0, jnp.arange(lay.nk))  # dk, dv: (NC, B, K, C, E)
     dk = jnp.moveaxis(dk, 0, 2).reshape(b, kv, lay.tp, e)[:, :, :st.t]
     dv = jnp.moveaxis(dv, 0, 2).reshape(b, kv, lay.tp, e)[:, :, :st.t]
