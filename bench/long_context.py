@@ -108,6 +108,8 @@ def attention_option(value: str | None, loader, model=None) -> tuple[dict, str]:
         if dataclasses.is_dataclass(model.config) and "attention" in {
                 f.name for f in dataclasses.fields(model.config)}:
             return {}, "config"
+    if model is None:  # ask again with the loaded model
+        return {}, "undecided"
     if value in ("auto", "dense"):
         return {}, "dense (this checkout has no attention option)"
     raise SystemExit(f"--attention={value}: this checkout's model has no attention option (the blockwise "
