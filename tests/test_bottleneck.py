@@ -371,3 +371,27 @@ def test_plugin_family_folders_give_the_package_logits_and_round_trip(family, tm
     with pytest.raises(ConfigError, match="original_ln_after=False on a .*plugin interface"):
         save_adapterhub(tmp_path / "x", adapted, dataclasses_replace(cfg, original_ln_after=False),
                         model_config=model.config, base_model_name_or_path="")
+
+
+@pytest.mark.skipif(not _package_available(), reason="needs the adapters package in /tmp/ahvenv (see "
+                    "tests/fixtures/adapterhub/make_fixtures.py); the golden-file tests above are the gate")
+def test_the_package_loads_our_qwen3_export_with_our_logits(tmp_path):
+    root = FIXTURES / "families" / "qwen3"
+    golden = read_safetensors(root / "logits.safetensors")
+    model, params, _ = jaxpeft.from_pretrained(str(root / "base"), load_tokenizer=False)
+    cfg = AdaptersConfig(reduction_factor=8, activation="gelu_new", scaling=2.0, leave_out=(0,), name="ours")
+    adapted = _perturbed(METHOD.init(jax.random.PRNGKey(1), params, cfg), cfg)
+    save_adapterhub(tmp_path / "ours", adapted, cfg, model_config=model.config, base_model_name_or_path="tiny")
+    out = tmp_path / "logits.safetensors"
+    proc = subprocess.run([str(AHVENV_PYTHON), str(FIXTURES / "make_fixtures.py"), f"--load={tmp_path / 'ours'}",
+                           f"--base={root / 'base'}", f"--out={out}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors import safe_open
+
+    with safe_open(str(out), "np") as f:
+        theirs, meta = f.get_tensor("logits"), f.metadata()
+    assert meta["name"] == "ours"
+    assert json.loads(meta["loading_info"]) == {"missing_keys": [], "unexpected_keys": []}
+    ours = _logits(model, adapted, golden["input_ids"])
+    assert np.abs(ours - golden["base"]).max() > 0.1
+    chex.assert_trees_all_close(theirs, ours, **tolerances.LOGITS_FP32)
