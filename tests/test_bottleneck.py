@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from dataclasses import replace as dataclasses_replace
 from types import SimpleNamespace
 
 import chex
@@ -322,20 +323,75 @@ def test_adapters_cli_writes_an_adapterhub_folder(tmp_path, tiny_model_dir):
     assert bad.returncode == 2 and "cannot be merged" in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("family", ("qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"))
+@pytest.mark.parametrize("family", ("gemma2", "gemma3_text", "phi3", "qwen3_moe"))
 def test_adapterhub_folders_of_unchecked_families_are_refused_both_ways(base, family, tmp_path):
-    # jaxpeft's AdapterHub folders: llama/mistral (the package's own classes); the package's plugin families and
-    # Phi-3 (which the package does not adapt) are refused, each with its reason.
+    # jaxpeft's AdapterHub folders: llama/mistral (the package's own classes) and qwen2/qwen3 (plugin families,
+    # checked below); Gemma (the package's adapter sits before the post-norm) and Phi-3 / MoE types (which the
+    # package does not adapt) are refused, each with its reason.
     model, params = base
     _, adapted, cfg = load_adapterhub(FIXTURES / "houlsby", model, params)
     other = SimpleNamespace(config=SimpleNamespace(model_type=family))
     with pytest.raises(UnsupportedModelError, match=rf"read an AdapterHub folder for a '{family}' model.*"
-                       r"\['llama', 'mistral'\] only") as e:
+                       r"\['llama', 'mistral', 'qwen2', 'qwen3'\] only") as e:
         load_adapterhub(FIXTURES / "houlsby", other, params)
-    assert ("no bottleneck support" if family == "phi3" else "plugin interface") in str(e.value)
+    assert ("before Gemma's post-norm" if family.startswith("gemma") else "no bottleneck support") in str(e.value)
     with pytest.raises(UnsupportedModelError, match=rf"write an AdapterHub folder for a '{family}' model"):
         save_adapterhub(tmp_path / "out", adapted, cfg, model_config=other.config, base_model_name_or_path="")
     assert not (tmp_path / "out").exists()
     save_adapterhub(tmp_path / "mistral", adapted, cfg, model_config=SimpleNamespace(model_type="mistral"),
                     base_model_name_or_path="")
     assert json.loads((tmp_path / "mistral" / "adapter_config.json").read_text())["model_type"] == "mistral"
+    assert not (tmp_path / "mistral" / "adapter_interface.json").exists()
+
+
+@pytest.mark.parametrize("family", ("qwen2", "qwen3"))
+def test_plugin_family_folders_give_the_package_logits_and_round_trip(family, tmp_path):
+    # Fixtures: make_fixtures.py --families (the package's plugin interface on tiny random Qwen2 / Qwen3 bases).
+    root = FIXTURES / "families" / family
+    golden = read_safetensors(root / "logits.safetensors")
+    model, params, _ = jaxpeft.from_pretrained(str(root / "base"), load_tokenizer=False)
+    chex.assert_trees_all_close(_logits(model, params, golden["input_ids"]), golden["base"], **tolerances.LOGITS_FP32)
+    for name in ("houlsby", "pfeiffer"):
+        m, adapted, cfg = load_adapterhub(root / name, model, params)
+        assert np.abs(golden[name] - golden["base"]).max() > 0.1
+        chex.assert_trees_all_close(_logits(m, adapted, golden["input_ids"]), golden[name], **tolerances.LOGITS_FP32)
+        save_adapterhub(tmp_path / name, adapted, cfg, model_config=model.config, base_model_name_or_path="")
+        files = sorted(p.name for p in (tmp_path / name).iterdir())
+        assert files == sorted(p.name for p in (root / name).iterdir()) == [
+            "adapter.safetensors", "adapter_config.json", "adapter_interface.json"]
+        ours, theirs = (read_safetensors(d / "adapter.safetensors") for d in (tmp_path / name, root / name))
+        assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+        ours_cfg, theirs_cfg = (json.loads((d / "adapter_config.json").read_text()) for d in (tmp_path / name,
+                                                                                               root / name))
+        assert ours_cfg["config"].pop("init_weights") == "mam_adapter"
+        theirs_cfg["config"].pop("init_weights")
+        assert ours_cfg == theirs_cfg
+        assert ((tmp_path / name / "adapter_interface.json").read_text()
+                == (root / name / "adapter_interface.json").read_text())
+    with pytest.raises(ConfigError, match="original_ln_after=False on a .*plugin interface"):
+        save_adapterhub(tmp_path / "x", adapted, dataclasses_replace(cfg, original_ln_after=False),
+                        model_config=model.config, base_model_name_or_path="")
+
+
+@pytest.mark.skipif(not _package_available(), reason="needs the adapters package in /tmp/ahvenv (see "
+                    "tests/fixtures/adapterhub/make_fixtures.py); the golden-file tests above are the gate")
+def test_the_package_loads_our_qwen3_export_with_our_logits(tmp_path):
+    root = FIXTURES / "families" / "qwen3"
+    golden = read_safetensors(root / "logits.safetensors")
+    model, params, _ = jaxpeft.from_pretrained(str(root / "base"), load_tokenizer=False)
+    cfg = AdaptersConfig(reduction_factor=8, activation="gelu_new", scaling=2.0, leave_out=(0,), name="ours")
+    adapted = _perturbed(METHOD.init(jax.random.PRNGKey(1), params, cfg), cfg)
+    save_adapterhub(tmp_path / "ours", adapted, cfg, model_config=model.config, base_model_name_or_path="tiny")
+    out = tmp_path / "logits.safetensors"
+    proc = subprocess.run([str(AHVENV_PYTHON), str(FIXTURES / "make_fixtures.py"), f"--load={tmp_path / 'ours'}",
+                           f"--base={root / 'base'}", f"--out={out}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors import safe_open
+
+    with safe_open(str(out), "np") as f:
+        theirs, meta = f.get_tensor("logits"), f.metadata()
+    assert meta["name"] == "ours"
+    assert json.loads(meta["loading_info"]) == {"missing_keys": [], "unexpected_keys": []}
+    ours = _logits(model, adapted, golden["input_ids"])
+    assert np.abs(ours - golden["base"]).max() > 0.1
+    chex.assert_trees_all_close(theirs, ours, **tolerances.LOGITS_FP32)

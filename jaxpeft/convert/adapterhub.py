@@ -23,6 +23,7 @@ PHM layers, invertible adapters, learned scaling, per-layer reduction factors) a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -32,9 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft.convert.peft import common
+from jaxpeft.core.atomic import atomic_dir
 from jaxpeft.core.errors import CheckpointError, ConfigError, UnsupportedModelError, bullet_list
 from jaxpeft.core.tree import flatten_params, unflatten_params
 from jaxpeft.models.config import ARCHITECTURES
+from jaxpeft.models.qwen3 import ARCHITECTURE as QWEN3_ARCHITECTURE
 
 AdaptersConfig = Any  # an object with jaxpeft.methods.bottleneck.AdaptersConfig's fields (no import of methods)
 # Our key -> the package's module name in the decoder layer.
@@ -45,12 +48,28 @@ ACTIVATION_NAMES = ("relu", "relu6", "relu2", "leakyrelu", "leaky_relu", "swish"
                     "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "tanh", "sigmoid", "linear")
 
 # The families whose AdapterHub folders jaxpeft reads and writes: the package's own model classes (adapters 1.3.0
-# MODEL_MIXIN_MAPPING: LlamaModel, MistralModel), checked on Llama fixtures.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-# Families the package adapts only through its plugin interfaces (adapters/wrappers/interfaces.py, 1.3.0), whose
-# hook points differ from Llama's (Gemma's adapters around the post-norms); their layout and logits are not yet
-# checked here, so jaxpeft refuses them rather than guess. Phi-3 the package does not adapt at all.
+# MODEL_MIXIN_MAPPING: LlamaModel, MistralModel), checked on Llama fixtures, and the plugin families whose hook
+# points equal Llama's (adapters/wrappers/interfaces.py: on o_proj's and down_proj's output, no layer norm passed),
+# checked on qwen2 / qwen3 fixtures (tests/fixtures/adapterhub/families).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Families adapted through the package's plugin interface: its folders carry adapter_interface.json, and the
+# package refuses original_ln_after=False there (LAYER_HOOK_UNSUPPORTED).
 PLUGIN_MODEL_TYPES = ("gemma2", "gemma3_text", "qwen2", "qwen3")
+# Plugin families still refused: the package hooks the adapter on o_proj's / down_proj's output, BEFORE Gemma's
+# post-attention / post-feedforward norm (which it passes as the adapter's layer norm), while jaxpeft's Gemma
+# layer applies the adapter after the post-norm, at the residual add; the two compute different functions.
+UNMATCHED_PLUGIN_TYPES = ("gemma2", "gemma3_text")
+INTERFACE_NAME = "adapter_interface.json"
+_MODEL_CLASSES = {**ARCHITECTURES, "qwen3": QWEN3_ARCHITECTURE}  # adapter_config.json's model_class
+# The package's AdapterModelInterface for the supported plugin families (adapters 1.3.0, as it saves it).
+_PLUGIN_INTERFACE = {
+    "adapter_methods": ["bottleneck", "lora", "reft", "invertible"], "attn_k_proj": "k_proj", "attn_o_proj": "o_proj",
+    "attn_q_proj": "q_proj", "attn_qkv_proj": None, "attn_v_proj": "v_proj", "base_model": None,
+    "layer_cross_attn": None, "layer_intermediate_proj": "mlp.up_proj", "layer_ln_1": None, "layer_ln_2": None,
+    "layer_output_proj": "mlp.down_proj", "layer_pre_cross_attn": None, "layer_pre_ffn": "post_attention_layernorm",
+    "layer_pre_self_attn": "input_layernorm", "layer_self_attn": "self_attn", "model_embeddings": "embed_tokens",
+    "model_layers": "layers",
+}
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 PICKLE_NAME = "pytorch_adapter.bin"
@@ -95,8 +114,9 @@ def check_model_type(model_type: Any, *, doing: str) -> None:
     """UnsupportedModelError unless jaxpeft reads and writes AdapterHub folders for the family `model_type`."""
     if model_type in SUPPORTED_MODEL_TYPES:
         return
-    why = ("the adapters package adapts it only through its plugin interface, whose adapter placement jaxpeft "
-           "does not yet check against the package" if model_type in PLUGIN_MODEL_TYPES
+    why = ("the adapters package adapts it through its plugin interface with the adapter before Gemma's post-norm "
+           "(on o_proj / down_proj), where jaxpeft's Gemma layer puts it after that norm" if model_type in
+           UNMATCHED_PLUGIN_TYPES
            else "the adapters package (1.3.0) has no bottleneck support for it")
     raise UnsupportedModelError(
         f"cannot {doing} an AdapterHub folder for a {model_type!r} model: {why}. jaxpeft reads and writes AdapterHub "
@@ -117,7 +137,7 @@ def adapterhub_config_dict(config: AdaptersConfig, *, hidden_size: int, model_ty
         "residual_before_ln": bool(config.residual_before_ln),
         "scaling": float(config.scaling),  # a float: the package refuses an int ("Unknown scaling type")
     })
-    return {"config": inner, "hidden_size": int(hidden_size), "model_class": ARCHITECTURES.get(model_type, model_type),
+    return {"config": inner, "hidden_size": int(hidden_size), "model_class": _MODEL_CLASSES.get(model_type, model_type),
             "model_name": model_name, "model_type": model_type, "name": config.name, "version": FORMAT_VERSION}
 
 
@@ -138,12 +158,34 @@ def adapterhub_tensors(params: Mapping, config: AdaptersConfig) -> dict[str, np.
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
+def interface_dict(model_type: str) -> dict[str, Any] | None:
+    """adapter_interface.json's contents for a plugin family (None for the package's own model classes)."""
+    if model_type not in PLUGIN_MODEL_TYPES:
+        return None
+    return {"interface": dict(_PLUGIN_INTERFACE), "model_type": model_type, "version": FORMAT_VERSION}
+
+
 def write_folder(out_dir: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
                  overwrite: bool = False) -> Path:
-    """adapter_config.json (indent 2, sorted keys, no trailing newline, as the package writes it) and
-    adapter.safetensors, atomically."""
-    return common.write_folder(out_dir, config, tensors, overwrite=overwrite, config_name=CONFIG_NAME,
-                               weights_name=WEIGHTS_NAME, newline=False)
+    """adapter_config.json (indent 2, sorted keys, no trailing newline, as the package writes it),
+    adapter.safetensors and, for a plugin family, adapter_interface.json, atomically."""
+    from safetensors.numpy import save_file
+
+    interface = interface_dict(config.get("model_type"))
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
+        if interface is not None:
+            (tmp / INTERFACE_NAME).write_text(json.dumps(interface, indent=2, sort_keys=True))
+        save_file(dict(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    return Path(out_dir)
+
+
+def check_plugin_options(model_type: Any, config: AdaptersConfig) -> None:
+    """The package refuses original_ln_after=False on a plugin family (its hooks leave the residual to the model)."""
+    if model_type in PLUGIN_MODEL_TYPES and not config.original_ln_after:
+        raise ConfigError(f"original_ln_after=False on a {model_type!r} model: the adapters package refuses it for "
+                          "families it adapts through its plugin interface (the model adds the residual itself); "
+                          "use original_ln_after=True")
 
 
 def config_kwargs(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -325,6 +367,6 @@ def activation_of(leaves: Mapping[str, Any]) -> str:
     return names[0]
 
 
-__all__ = ["ACTIVATION_NAMES", "LOCATIONS", "PLUGIN_MODEL_TYPES", "SUPPORTED_MODEL_TYPES", "activation_of", "adapter_leaves", "adapterhub_config_dict",
-           "adapterhub_tensors", "attach", "check_model_type", "check_saveable", "config_kwargs", "hidden_size_of", "layer_indices",
+__all__ = ["ACTIVATION_NAMES", "LOCATIONS", "PLUGIN_MODEL_TYPES", "SUPPORTED_MODEL_TYPES", "UNMATCHED_PLUGIN_TYPES", "activation_of", "adapter_leaves", "adapterhub_config_dict",
+           "adapterhub_tensors", "attach", "check_model_type", "check_plugin_options", "check_saveable", "config_kwargs", "hidden_size_of", "interface_dict", "layer_indices",
            "package_bottleneck_size", "read_adapter_tensors", "read_config", "write_folder"]

@@ -251,6 +251,7 @@ def save_adapterhub(out_dir: str | os.PathLike, params: Mapping, config: Adapter
     """Writes the bottleneck adapter in `params` (base + adapter leaves) as a folder that the package's
     `model.load_adapter(out_dir)` reads. The folder appears whole or not at all."""
     adapterhub.check_model_type(getattr(model_config, "model_type", None), doing="write")
+    adapterhub.check_plugin_options(model_config.model_type, config)
     adapterhub.check_saveable(params, config)
     tensors = adapterhub.adapterhub_tensors(params, config)
     cfg = adapterhub.adapterhub_config_dict(config, hidden_size=hidden_size_of(params),
