@@ -62,6 +62,8 @@ def config_for(model_config, name: str, i: int):
     cfg = CONFIGS[name][i]
     if model_config.model_type == "llama":
         return cfg
+    if getattr(model_config, "num_experts", 0) and isinstance(cfg, LoraConfig):
+        return _moe_lora(model_config, cfg)
     names = {p.short for p in FAMILIES[model_config.model_type].linears}
     rename = lambda t: t if t in names else t.replace("gate_proj", "gate_up_proj")  # noqa: E731
     if isinstance(cfg, LoraConfig):
@@ -76,6 +78,34 @@ def config_for(model_config, name: str, i: int):
     if isinstance(cfg, IA3Config) and cfg == IA3Config():
         return IA3Config(**default_targets(model_config.model_type, "ia3"))
     return cfg
+
+
+MOE_MLP = {"gate_proj": "mlp.experts.gate_up_proj", "up_proj": "mlp.experts.gate_up_proj",
+           "down_proj": "mlp.experts.down_proj"}
+
+
+def _moe_lora(model_config, cfg: LoraConfig) -> LoraConfig:
+    """A LoRA case on an MoE family: MLP targets become the expert stacks (PEFT's target_parameters, sparse layers;
+    with every layer, as PEFT applies layers_to_transform to target_modules only: the combination is refused) and DoRA on every linear names the linears, since DoRA on the router is refused (see
+    test_dora_on_an_moe_router_is_refused_with_the_reason)."""
+    import dataclasses
+
+    dense_mlp = any(not model_config.is_sparse_layer(i) for i in range(model_config.num_hidden_layers))
+    saved = () if model_config.tie_word_embeddings else cfg.modules_to_save
+    if cfg.use_dora and cfg.target_modules == "all-linear":
+        targets = ("q_proj", "k_proj", "v_proj", "o_proj") + (("gate_proj", "up_proj", "down_proj") if dense_mlp
+                                                                 else ())
+        return dataclasses.replace(cfg, target_modules=targets, modules_to_save=saved)
+    if isinstance(cfg.target_modules, str) or not set(cfg.target_modules) & set(MOE_MLP):
+        return dataclasses.replace(cfg, modules_to_save=saved)
+    stacks = tuple(dict.fromkeys(MOE_MLP[t] for t in cfg.target_modules if t in MOE_MLP))
+    with pytest.raises(ConfigError, match="layers_to_transform with target_parameters: PEFT 0.21.2 applies"):
+        LoraConfig(target_parameters=stacks, layers_to_transform=(0, 2))
+    short = lambda t: MOE_MLP[t].rsplit(".", 1)[1] if t in MOE_MLP else t  # noqa: E731
+    return dataclasses.replace(cfg, target_modules=tuple(t for t in cfg.target_modules if t not in MOE_MLP),
+                               target_parameters=stacks, modules_to_save=saved, layers_to_transform=None,
+                               rank_pattern={short(k): v for k, v in cfg.rank_pattern.items()},
+                               alpha_pattern={short(k): v for k, v in cfg.alpha_pattern.items()})
 
 
 def test_every_registered_method_is_in_the_battery():
@@ -225,3 +255,17 @@ def test_merged_lora_exports_to_transformers_with_the_adapted_logits(base, tmp_p
     out = save_hf_folder(tmp_path / "merged", method.merge(trained, cfg), model.config)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     chex.assert_trees_all_close(hf_logits(hf, np.asarray(IDS)), _logits(model, trained), **tolerances.LOGITS_FP32)
+
+
+def test_dora_on_an_moe_router_is_refused_with_the_reason(base):
+    """PEFT 0.21.2 adapts the MoE router (a bare parameter in transformers 5.24) only as a target parameter, which
+    has no DoRA: DoRA on it, by 'all-linear' or by name, is refused; DoRA on the other linears is not."""
+    model, params = base
+    if not getattr(model.config, "num_experts", 0):
+        pytest.skip("no MoE router in this family")
+    lora = get_method("lora")
+    for targets, hint in [("all-linear", "name the linears instead"), (("q_proj", "gate"), "leave the router")]:
+        with pytest.raises(ConfigError, match=f"use_dora on the MoE router.*no DoRA.*{hint}"):
+            lora.init(jax.random.PRNGKey(0), params, LoraConfig(r=2, use_dora=True, target_modules=targets))
+    adapted = lora.init(jax.random.PRNGKey(0), params, LoraConfig(r=2, use_dora=True, target_modules=("q_proj",)))
+    assert any(p[-1] == "lora_magnitude" for p in flatten_params(adapted))

@@ -32,8 +32,8 @@ from jaxpeft.convert.peft import common as peft_common, lora as peft_lora
 from jaxpeft.convert.peft.lora import LORA_LEAVES
 from jaxpeft.convert.peft.lora_params import is_param_scope
 from jaxpeft.core.errors import ConfigError, bullet_list
-from jaxpeft.core.targets import (Targets, compact_targets, layer_index, linear_modules, match_targets, name_matches,
-                                  pattern_value)
+from jaxpeft.core.targets import (Targets, compact_targets, layer_index, linear_modules, match_targets, moe_routers,
+                                  name_matches, pattern_value)
 from jaxpeft.core.tree import Path, dotted, flatten_params, kernel_shape, module_leaves, unflatten_params
 from jaxpeft.methods.base import Method
 from jaxpeft.models import hooks
@@ -68,6 +68,10 @@ class LoraConfig:
                             "dropout 0")
         if self.target_parameters and self.use_dora:
             problems.append("use_dora with target_parameters: PEFT's parameter LoRA has no DoRA variant; drop one")
+        if self.target_parameters and self.layers_to_transform is not None:
+            problems.append("layers_to_transform with target_parameters: PEFT 0.21.2 applies layers_to_transform to "
+                            "target_modules only and adapts a named parameter in every layer, so it could not rebuild "
+                            "this adapter; drop layers_to_transform or name the layers' parameters in full")
         if self.r < 1:
             problems.append(f"r={self.r}: the rank must be at least 1")
         bad_ranks = {k: v for k, v in self.rank_pattern.items() if int(v) < 1}
@@ -113,6 +117,7 @@ class Lora(Method):
         by_module = module_leaves(flat)
         stacks = param_targets(params, config)[1]
         groups = {path: by_module[path] for path in chosen if path not in stacks}
+        _refuse_dora_on_routers(params, config, list(groups))
         too_big = []
         for path, leaves in groups.items():
             in_dim, out_dim = kernel_shape(leaves)
@@ -226,6 +231,21 @@ def _add_lora(x: jax.Array, x_lora: jax.Array, y: jax.Array, leaves: Mapping[str
     # With dropout PEFT recomputes the base term on the dropped input.
     base = (x_lora @ w_IxO) if dropped else y
     return y + (mag_scale_O - 1) * base + mag_scale_O * lora
+
+
+def _refuse_dora_on_routers(params: Mapping, config: LoraConfig, modules: Sequence[Path]) -> None:
+    """DoRA on an MoE router is refused: transformers 5.24 keeps the router a bare parameter, so PEFT 0.21.2 adapts
+    it only through `target_parameters`, which has no DoRA; such an adapter could not be rebuilt by PEFT."""
+    if not config.use_dora:
+        return
+    routers = sorted(dotted(p) for p in set(modules) & moe_routers(params))
+    if routers:
+        how = ("'all-linear' selects the router on an MoE model; name the linears instead, e.g. "
+               "target_modules=('q_proj', 'k_proj', 'v_proj', 'o_proj')" if config.target_modules == "all-linear"
+               else "leave the router ('gate' / 'mlp.gate.weight') out of the targets")
+        raise ConfigError(f"use_dora on the MoE router(s) {routers[:2]}{' ...' if len(routers) > 2 else ''}: the "
+                          "router is a bare parameter in transformers 5.24 that PEFT adapts only as a target "
+                          f"parameter, which has no DoRA, so PEFT could not rebuild this adapter; {how}, or drop DoRA")
 
 
 def _target_modules(params: Mapping, config: LoraConfig) -> list[Path]:
