@@ -8,30 +8,12 @@ with `tiny_hf_model` (or deep-copies). Jax params are immutable, so sharing them
 
 from __future__ import annotations
 
-import os
 import shutil
 
+import pytest
 
-def _one_thread_per_worker() -> None:
-    """With as many xdist workers as CPU cores (the README's `-n 2` on a 2-core machine), each worker's XLA
-    and torch computations run on one thread: two workers with two threads each fought over two cores
-    (tests/test_lora.py + tests/test_attention.py: 93 -> 77 s wall). Set before JAX or torch starts; what
-    the tests assert is unchanged, and subprocesses that set their own XLA_FLAGS keep them."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers < 2 or workers < (os.cpu_count() or 1):
-        return
-    flag = "--xla_cpu_multi_thread_eigen=false"
-    if flag not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-_one_thread_per_worker()
-
-import pytest  # noqa: E402
-
-from jaxpeft import from_transformers  # noqa: E402
-from tests.hf_tiny import FAMILY_CASES, tiny_hf_config, tiny_hf_model, tiny_model_folder  # noqa: E402
+from jaxpeft import from_transformers
+from tests.hf_tiny import FAMILY_CASES, tiny_hf_config, tiny_hf_model, tiny_model_folder
 
 
 @pytest.fixture(scope="session")
