@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -55,8 +57,6 @@ CASES = [pytest.param(name, i, marks=pytest.mark.slow(reason="another prompt ini
 def config_for(model_config, name: str, i: int):
     """CONFIGS[name][i] in the family's own module names: Phi-3's fused gate_up_proj for gate_proj, each family's
     default targets for LoRA's and IA3's defaults, and no saved lm_head where the head is tied (there is none)."""
-    import dataclasses
-
     from jaxpeft.models.families import FAMILIES, default_targets
 
     cfg = CONFIGS[name][i]
@@ -86,9 +86,9 @@ MOE_MLP = {"gate_proj": "mlp.experts.gate_up_proj", "up_proj": "mlp.experts.gate
 
 def _moe_lora(model_config, cfg: LoraConfig) -> LoraConfig:
     """A LoRA case on an MoE family: MLP targets become the expert stacks (PEFT's target_parameters, sparse layers;
-    with every layer, as PEFT applies layers_to_transform to target_modules only: the combination is refused) and DoRA on every linear names the linears, since DoRA on the router is refused (see
-    test_dora_on_an_moe_router_is_refused_with_the_reason)."""
-    import dataclasses
+    on every layer, since the combination with layers_to_transform is refused: see
+    test_layers_to_transform_with_target_parameters_is_refused) and DoRA on every linear names the linears, since
+    DoRA on the router is refused (see test_dora_on_an_moe_router_is_refused_with_the_reason)."""
 
     dense_mlp = any(not model_config.is_sparse_layer(i) for i in range(model_config.num_hidden_layers))
     saved = () if model_config.tie_word_embeddings else cfg.modules_to_save
@@ -99,8 +99,6 @@ def _moe_lora(model_config, cfg: LoraConfig) -> LoraConfig:
     if isinstance(cfg.target_modules, str) or not set(cfg.target_modules) & set(MOE_MLP):
         return dataclasses.replace(cfg, modules_to_save=saved)
     stacks = tuple(dict.fromkeys(MOE_MLP[t] for t in cfg.target_modules if t in MOE_MLP))
-    with pytest.raises(ConfigError, match="layers_to_transform with target_parameters: PEFT 0.21.2 applies"):
-        LoraConfig(target_parameters=stacks, layers_to_transform=(0, 2))
     short = lambda t: MOE_MLP[t].rsplit(".", 1)[1] if t in MOE_MLP else t  # noqa: E731
     return dataclasses.replace(cfg, target_modules=tuple(t for t in cfg.target_modules if t not in MOE_MLP),
                                target_parameters=stacks, modules_to_save=saved, layers_to_transform=None,
@@ -269,3 +267,10 @@ def test_dora_on_an_moe_router_is_refused_with_the_reason(base):
             lora.init(jax.random.PRNGKey(0), params, LoraConfig(r=2, use_dora=True, target_modules=targets))
     adapted = lora.init(jax.random.PRNGKey(0), params, LoraConfig(r=2, use_dora=True, target_modules=("q_proj",)))
     assert any(p[-1] == "lora_magnitude" for p in flatten_params(adapted))
+
+
+@pytest.mark.parametrize("stacks", [("mlp.experts.gate_up_proj",), ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")])
+def test_layers_to_transform_with_target_parameters_is_refused(stacks):
+    # PEFT 0.21.2 applies layers_to_transform to target_modules only, so it could not rebuild such an adapter.
+    with pytest.raises(ConfigError, match="layers_to_transform with target_parameters: PEFT 0.21.2 applies"):
+        LoraConfig(target_parameters=stacks, layers_to_transform=(0, 2))

@@ -23,7 +23,6 @@ PHM layers, invertible adapters, learned scaling, per-layer reduction factors) a
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -33,11 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpeft.convert.peft import common
-from jaxpeft.core.atomic import atomic_dir
 from jaxpeft.core.errors import CheckpointError, ConfigError, UnsupportedModelError, bullet_list
 from jaxpeft.core.tree import flatten_params, unflatten_params
-from jaxpeft.models.config import ARCHITECTURES
-from jaxpeft.models.qwen3 import ARCHITECTURE as QWEN3_ARCHITECTURE
+from jaxpeft.models.families import FAMILIES
 
 AdaptersConfig = Any  # an object with jaxpeft.methods.bottleneck.AdaptersConfig's fields (no import of methods)
 # Our key -> the package's module name in the decoder layer.
@@ -60,7 +57,6 @@ PLUGIN_MODEL_TYPES = ("gemma2", "gemma3_text", "qwen2", "qwen3")
 # layer applies the adapter after the post-norm, at the residual add; the two compute different functions.
 UNMATCHED_PLUGIN_TYPES = ("gemma2", "gemma3_text")
 INTERFACE_NAME = "adapter_interface.json"
-_MODEL_CLASSES = {**ARCHITECTURES, "qwen3": QWEN3_ARCHITECTURE}  # adapter_config.json's model_class
 # The package's AdapterModelInterface for the supported plugin families (adapters 1.3.0, as it saves it).
 _PLUGIN_INTERFACE = {
     "adapter_methods": ["bottleneck", "lora", "reft", "invertible"], "attn_k_proj": "k_proj", "attn_o_proj": "o_proj",
@@ -137,7 +133,8 @@ def adapterhub_config_dict(config: AdaptersConfig, *, hidden_size: int, model_ty
         "residual_before_ln": bool(config.residual_before_ln),
         "scaling": float(config.scaling),  # a float: the package refuses an int ("Unknown scaling type")
     })
-    return {"config": inner, "hidden_size": int(hidden_size), "model_class": _MODEL_CLASSES.get(model_type, model_type),
+    return {"config": inner, "hidden_size": int(hidden_size), "model_class": (FAMILIES[model_type].architecture
+                                                                      if model_type in FAMILIES else model_type),
             "model_name": model_name, "model_type": model_type, "name": config.name, "version": FORMAT_VERSION}
 
 
@@ -169,15 +166,10 @@ def write_folder(out_dir: str | os.PathLike, config: Mapping[str, Any], tensors:
                  overwrite: bool = False) -> Path:
     """adapter_config.json (indent 2, sorted keys, no trailing newline, as the package writes it),
     adapter.safetensors and, for a plugin family, adapter_interface.json, atomically."""
-    from safetensors.numpy import save_file
-
     interface = interface_dict(config.get("model_type"))
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
-        if interface is not None:
-            (tmp / INTERFACE_NAME).write_text(json.dumps(interface, indent=2, sort_keys=True))
-        save_file(dict(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-    return Path(out_dir)
+    return common.write_folder(out_dir, config, tensors, overwrite=overwrite, config_name=CONFIG_NAME,
+                               weights_name=WEIGHTS_NAME, newline=False,
+                               extra_json=None if interface is None else {INTERFACE_NAME: interface})
 
 
 def check_plugin_options(model_type: Any, config: AdaptersConfig) -> None:

@@ -64,13 +64,15 @@ def read_tensors(folder: Path, allow_pickle: bool, *, weights_name: str = WEIGHT
 
 def write_folder(out_dir: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
                  overwrite: bool = False, config_name: str = CONFIG_NAME, weights_name: str = WEIGHTS_NAME,
-                 newline: bool = True) -> Path:
-    """Writes the config (sorted keys, indent 2) and the tensors ({"format": "pt"}) atomically: the folder
-    appears whole or not at all."""
+                 newline: bool = True, extra_json: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """Writes the config (sorted keys, indent 2), any `extra_json` files ({file name: contents}, written the same
+    way) and the tensors ({"format": "pt"}) atomically: the folder appears whole or not at all."""
     from safetensors.numpy import save_file
 
+    end = "\n" if newline else ""
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        (tmp / config_name).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + ("\n" if newline else ""))
+        for name, contents in {config_name: config, **(extra_json or {})}.items():
+            (tmp / name).write_text(json.dumps(dict(contents), indent=2, sort_keys=True) + end)
         save_file(dict(tensors), str(tmp / weights_name), metadata={"format": "pt"})
     return Path(out_dir)
 
