@@ -173,6 +173,7 @@ def run_jax(args: argparse.Namespace) -> dict:
     from jaxpeft.methods.lora import LoraConfig
     from jaxpeft.train.loop import TrainConfig, Trainer
     from jaxpeft.train.optim import OptimConfig
+    from jaxpeft.train.runners import release_freed_memory
 
     cpu0, mem0 = time.process_time(), _proc_status_mb()
     seq = args.seq
@@ -205,6 +206,7 @@ def run_jax(args: argparse.Namespace) -> dict:
         why = "compile only" if args.compile_only else f"compiled {compiled['compiled_gb']:.1f} GB > {args.max_gb} GB"
         return {"side": "jax", "seq": seq, "ran": False, "why": why, "base_gb": _gb(base["VmRSS"] - mem0["VmRSS"]),
                 "user_cpu_s": time.process_time() - cpu0, **compiled}
+    release_freed_memory()  # as the trainer does before a shape's first run (compiled memory freed late)
     _reset_peak()  # the compile's own peak is not the step's
     first, times, losses = _timed_steps(lambda: trainer.train_step(batch)["loss"], args.steps)
     return _finish("jax", seq, mem0, base, first, times, losses, cpu0, **compiled)
