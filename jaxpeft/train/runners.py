@@ -62,15 +62,17 @@ class AheadOfTime:
     def compile(self, state: Any, frozen: Any, batch: Mapping[str, Any]) -> Any:
         """The compiled step for this batch shape (compiled once, then cached); its `memory_analysis()` is
         the step's plan, known before anything runs."""
-        key = self._key(batch)
+        return self._compiled_for(self._key(batch), state, frozen, batch)
+
+    def _compiled_for(self, key: tuple, state: Any, frozen: Any, batch: Mapping[str, Any]) -> Any:
         if key not in self._compiled:
             self._compiled[key] = self._fn.lower(state, frozen, batch).compile()
             release_freed_memory()
         return self._compiled[key]
 
     def __call__(self, state: Any, frozen: Any, batch: Mapping[str, Any]) -> tuple[Any, dict]:
-        compiled = self.compile(state, frozen, batch)
         key = self._key(batch)
+        compiled = self._compiled_for(key, state, frozen, batch)
         if key not in self._ran:
             # Trimmed again before a shape's first run: part of the compiler's memory is freed only after
             # compile() returns, and glibc keeps it mapped until asked (SmolLM2 LoRA at 2k tokens: the RSS
