@@ -8,12 +8,52 @@ with `tiny_hf_model` (or deep-copies). Jax params are immutable, so sharing them
 
 from __future__ import annotations
 
+import os
 import shutil
 
+# The tests' models are tiny, so compiling is most of their time (a LoRA step of the tiny Llama: ~2.2 s of
+# backend compile at XLA's default, ~1.6 s so). For every process of the run (this one, each xdist worker, and
+# the entry points the tests start, which inherit the environment): jax_disable_most_optimizations (XLA's LLVM
+# backend at -O0, its expensive LLVM passes off) and one LLVM module per program instead of a split for parallel
+# codegen. The HLO passes, and so the programs, buffers and compiled memory, are XLA's usual ones and the
+# numerics IEEE either way (no fast-math); tests that pin bits XLA computes (bitsandbytes-exact quantization,
+# golden file bytes) are marked `full_opt` and compile at the default level (see `_optimisation_level`).
+# JAXPEFT_TEST_FULL_OPT=1 runs the whole suite at XLA's defaults.
+FULL_OPT = os.environ.get("JAXPEFT_TEST_FULL_OPT") == "1"
+if not FULL_OPT:
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    if "xla_cpu_parallel_codegen_split_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_parallel_codegen_split_count=1".strip()
+
+import jax
 import pytest
 
 from jaxpeft import from_transformers
 from tests.hf_tiny import FAMILY_CASES, tiny_hf_config, tiny_hf_model, tiny_model_folder
+
+
+jax.config.update("jax_disable_most_optimizations", not FULL_OPT)  # jax may be imported before this file
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _optimisation_level(request):
+    """A module marked `full_opt` (`pytestmark = pytest.mark.full_opt`) compiles at XLA's default optimisation
+    level, its module fixtures included (module-scoped and autouse, this runs before them); the in-process
+    caches are cleared on the way in and out, so no executable crosses levels."""
+    marks = getattr(request.module, "pytestmark", [])
+    marks = marks if isinstance(marks, list) else [marks]
+    if FULL_OPT or not any(m.name == "full_opt" for m in marks):
+        yield
+        return
+    jax.clear_caches()
+    jax.config.update("jax_disable_most_optimizations", False)
+    os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS")  # and the entry points its tests start
+    try:
+        yield
+    finally:
+        os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+        jax.clear_caches()
+        jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture(scope="session")

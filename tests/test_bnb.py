@@ -26,6 +26,7 @@ from tests.hf_tiny import VOCAB, hf_logits, tiny_model_folder
 
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the oracle and the loader: pip install bitsandbytes")
+pytestmark = pytest.mark.full_opt  # bitsandbytes-exact bits (tests/conftest.py)
 ROOT = Path(__file__).resolve().parents[1]
 IDS = np.random.default_rng(0).integers(0, VOCAB, (2, 11))
 FORMATS = [("nf4", True), ("fp4", False)]

@@ -23,6 +23,7 @@ from tests.hf_tiny import VOCAB, tiny_hf_config, tiny_hf_model
 
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the oracle: pip install bitsandbytes")
+pytestmark = pytest.mark.full_opt  # bitsandbytes-exact bits (tests/conftest.py)
 F = bnb.functional
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,6 +115,20 @@ def test_a_3d_expert_stack_quantized_over_its_flattened_weights_matches_bitsandb
     theirs = F.dequantize_4bit(packed, st).float().numpy()
     assert theirs.shape == shape
     np.testing.assert_array_equal(np.asarray(dequantize_4bit(q).astype(jnp.float32)), theirs)
+
+def test_double_quant_of_equal_blocks_centres_to_bitsandbytes_exact_zero():
+    """Every block's absmax equal (here 1.0): the mean is exact, so bitsandbytes' centred absmax is exactly 0 (nested
+    absmax 0, codes 0). XLA once fused the mean's 1/K product into the subtraction as an FMA (centred ~2e-8, codes
+    255), and only at its default optimisation level."""
+    w32 = np.random.default_rng(1).integers(-16, 17, (40, 40)).astype(np.float32) / 16
+    w32[:, 0] = 1.0  # every block of 64 holds a 1.0: absmax 1.0 everywhere
+    packed, st = F.quantize_4bit(torch.from_numpy(w32), blocksize=64, quant_type="nf4", compress_statistics=True)
+    q = quantize_4bit(jnp.asarray(w32), quant_type="nf4", blocksize=64, double_quant=True)
+    np.testing.assert_array_equal(np.asarray(q.packed).ravel(), packed.numpy().ravel())
+    np.testing.assert_array_equal(np.asarray(q.absmax), st.absmax.numpy())
+    np.testing.assert_array_equal(np.asarray(q.nested_absmax), st.state2.absmax.numpy())
+    assert float(q.offset) == st.offset.item() == 1.0
+
 
 
 @pytest.mark.parametrize("blocksize", ALLOWED_BLOCKSIZES)

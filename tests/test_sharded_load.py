@@ -38,7 +38,7 @@ def _check_device_reads(r: dict) -> None:
 
 
 def test_fsdp8_load_reads_one_eighth_per_device(checkpoint, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {os.environ.get('XLA_FLAGS', '')}",
            "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-m", "tests.sharded_load_worker", f"--model={checkpoint}",
                           f"--out={tmp_path}", "--mesh=fsdp:8"], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -209,7 +209,10 @@ def _quantize_flat(w_N: jax.Array, *, quant_type: str, blocksize: int, double_qu
     packed = ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
     if not double_quant:
         return packed, absmax_K, None, None
-    offset = jnp.sum(absmax_K) / absmax_K.shape[0]  # torch: _absmax.mean()
+    # torch: _absmax.mean(). XLA turns the division into a product by 1/K and, at its default CPU optimisation
+    # level, contracted that product into an FMA with the subtraction below (equal blocks then centred to ~2e-8,
+    # not bitsandbytes' exact 0, and the bits depended on the optimisation level): no_fma rounds it on its own.
+    offset = dynamic8.no_fma(jnp.sum(absmax_K) / absmax_K.shape[0])
     q_K, nested_K2 = dynamic8.quantize_blockwise_8bit(absmax_K - offset, NESTED_BLOCKSIZE)
     return packed, q_K, nested_K2, offset
 
